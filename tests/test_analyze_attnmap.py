@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from analyze import attnmap
 from analyze.attnmap import ScanInputs, raster_attention, route_attention, route_orders
+from classification.models import SS2D
 from selective_scan import selective_scan_ref
 
 
@@ -99,13 +100,9 @@ def test_query_rows_are_rows_of_the_raster_matrices():
 
 
 # ----------------------------------------------------------------------------- with the real SS2D
-SS2D = pytest.importorskip("classification.models").SS2D
-needs_scan_hook = pytest.mark.skipif(not hasattr(SS2D, "scan_inputs"),
-                                     reason="SS2D.scan_inputs (the analysis hook) is not in the model yet")
 SCAN_ARGUMENTS = ("u", "delta", "A", "B", "C", "D", "delta_bias", "delta_softplus")
 
 
-@needs_scan_hook
 @pytest.mark.parametrize("channel_first", [True, False])
 def test_attention_of_an_ss2d_layer_reproduces_its_scan(channel_first):
     torch.manual_seed(0)
@@ -124,7 +121,6 @@ def test_attention_of_an_ss2d_layer_reproduces_its_scan(channel_first):
         torch.testing.assert_close(y_k, y.view(4, 8, -1)[k].float(), rtol=1e-4, atol=1e-5)
 
 
-@needs_scan_hook
 def test_attnmap_command_on_vmamba(tmp_path):
     attnmap.main(["--model", "vmamba_tiny_s1l8", "--random-image", "--img-size", "64", "--query", "40", "20",
                   "--device", "cpu", "--out", str(tmp_path)])
