@@ -1,0 +1,221 @@
+"""CPU tests of the selective scan: the chunked torch path against the naive float64 loop, gradients,
+validation, empty inputs, and the op registration (torch.compile, jit trace, autocast)."""
+
+import pytest
+import torch
+
+import selective_scan
+from selective_scan import scan_flops, selective_scan_fn, selective_scan_ref
+from selective_scan.torch_scan import CHUNK, linear_scan_time_major
+
+
+def make_inputs(batch, channels, length, d_state, groups, delta_rows=None, bias_len=None, dtype=torch.float64,
+                with_D=True, seed=0):
+    """Reference inputs of SPEC section 1 (A = -0.5 rand, delta = 0.5 rand, bias = 0.5 rand, rest randn)."""
+    g = torch.Generator().manual_seed(seed)
+    delta_rows = delta_rows or channels
+    u = torch.randn(batch, channels, length, generator=g, dtype=dtype)
+    delta = 0.5 * torch.rand(batch, delta_rows, length, generator=g, dtype=dtype)
+    A = -0.5 * torch.rand(channels, d_state, generator=g, dtype=dtype)
+    B = torch.randn(batch, groups, d_state, length, generator=g, dtype=dtype)
+    C = torch.randn(batch, groups, d_state, length, generator=g, dtype=dtype)
+    D = torch.randn(channels, generator=g, dtype=dtype) if with_D else None
+    delta_bias = 0.5 * torch.rand(bias_len, generator=g, dtype=dtype) if bias_len else None
+    return u, delta, A, B, C, D, delta_bias
+
+
+def grads_of(fn, inputs, y_weight, state_weight):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in inputs]
+    y, last = fn(*leaves)
+    loss = (y * y_weight).sum() + (last * state_weight).sum()
+    diff = [t for t in leaves if t is not None]
+    return y.detach(), last.detach(), torch.autograd.grad(loss, diff)
+
+
+CASES = [
+    # batch, channels, L, N, groups, delta_rows, bias_len, with_D, softplus
+    (2, 8, 1, 1, 4, None, 8, True, True),
+    (2, 8, 17, 2, 2, None, None, False, False),
+    (1, 12, 64, 4, 3, 6, 12, True, True),     # delta groups, per-channel bias
+    (2, 8, 300, 1, 4, 4, 4, True, True),      # delta groups, per-delta-row bias, multi-level chunking
+    (1, 6, 333, 16, 1, None, 6, True, False),
+    (3, 4, CHUNK * CHUNK + 1, 3, 4, None, 4, False, True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"L{c[2]}-N{c[3]}-G{c[4]}" for c in CASES])
+def test_torch_path_matches_loop_float64(case):
+    batch, channels, length, d_state, groups, delta_rows, bias_len, with_D, softplus = case
+    inputs = make_inputs(batch, channels, length, d_state, groups, delta_rows, bias_len, with_D=with_D)
+    g = torch.Generator().manual_seed(1)
+    y_weight = torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
+    state_weight = torch.randn(batch, channels, d_state, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        return lambda *t: fn(*t, delta_softplus=softplus, return_last_state=True)
+
+    y, last, grads = grads_of(run(lambda *t, **k: selective_scan_fn(*t, **k, backend="torch")), inputs,
+                              y_weight, state_weight)
+    y_ref, last_ref, grads_ref = grads_of(run(selective_scan_ref), inputs, y_weight, state_weight)
+    torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(last, last_ref, rtol=1e-10, atol=1e-10)
+    names = [n for n, t in zip("u delta A B C D delta_bias".split(), inputs) if t is not None]
+    for name, got, want in zip(names, grads, grads_ref):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9, msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+@pytest.mark.parametrize("dtype,out_float,tol", [
+    (torch.float32, True, (6e-4, 2e-3)),
+    (torch.float16, False, (3e-3, 5e-3)),
+    (torch.bfloat16, False, (3e-2, 5e-2)),
+    (torch.bfloat16, True, (6e-4, 2e-3)),
+])
+def test_low_precision_inputs_match_float64_at_spec_tolerance(dtype, out_float, tol):
+    inputs64 = make_inputs(2, 8, 200, 2, 4, bias_len=8)
+    u, delta, B, C = (t.to(dtype) for t in (inputs64[0], inputs64[1], inputs64[3], inputs64[4]))
+    A, D, bias = (t.float() for t in (inputs64[2], inputs64[5], inputs64[6]))
+    y = selective_scan_fn(u, delta, A, B, C, D, bias, True, out_float, backend="torch")
+    assert y.dtype == (torch.float32 if out_float else dtype)
+    y_ref = selective_scan_ref(u, delta, A, B, C, D, bias, True)  # same rounded inputs, float64 math
+    torch.testing.assert_close(y.double(), y_ref, rtol=tol[0], atol=tol[1])
+
+
+def test_no_overflow_with_large_decay():
+    """dt*|A| far beyond exp's range in a cumulative-sum formulation: h must stay finite and exact."""
+    u, delta, A, B, C, D, _ = make_inputs(1, 4, 500, 16, 2)
+    A = -torch.arange(1, 17, dtype=torch.float64).repeat(4, 1)  # v0 models: A down to -16
+    delta = 5.0 + delta * 10
+    y, last = selective_scan_fn(u.float(), delta.float(), A.float(), B.float(), C.float(), D.float(),
+                                delta_softplus=True, return_last_state=True, backend="torch")
+    y_ref, last_ref = selective_scan_ref(u, delta, A, B, C, D, delta_softplus=True, return_last_state=True)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(last.double(), last_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_scan_against_sequential_loop():
+    g = torch.Generator().manual_seed(3)
+    for length in (1, CHUNK - 1, CHUNK, CHUNK + 1, 5 * CHUNK * CHUNK + 7):
+        a = torch.rand(length, 3, generator=g, dtype=torch.float64)
+        b = torch.randn(length, 3, generator=g, dtype=torch.float64)
+        h = linear_scan_time_major(a, b)
+        expected, state = [], torch.zeros(3, dtype=torch.float64)
+        for t in range(length):
+            state = a[t] * state + b[t]
+            expected.append(state)
+        torch.testing.assert_close(h, torch.stack(expected), rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_float64():
+    u, delta, A, B, C, D, bias = make_inputs(1, 4, 37, 2, 2, delta_rows=2, bias_len=4)
+    inputs = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+
+    def fn(*t):
+        y, last = selective_scan_fn(*t, delta_softplus=True, return_last_state=True, backend="torch")
+        return y, last
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_non_contiguous_inputs():
+    u, delta, A, B, C, D, bias = make_inputs(2, 8, 40, 2, 4, bias_len=8, dtype=torch.float32)
+    u_nc = u.transpose(1, 2).contiguous().transpose(1, 2)
+    B_nc = B.permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    A_nc = A.t().contiguous().t()
+    assert not (u_nc.is_contiguous() or B_nc.is_contiguous() or A_nc.is_contiguous())
+    expected = selective_scan_fn(u, delta, A, B, C, D, bias, True, backend="torch")
+    got = selective_scan_fn(u_nc, delta, A_nc, B_nc, C, D, bias, True, backend="torch")
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("batch,length", [(0, 10), (2, 0)])
+def test_empty_inputs(batch, length):
+    u, delta, A, B, C, D, bias = make_inputs(batch, 4, length, 2, 2, bias_len=4, dtype=torch.float32)
+    u.requires_grad_()
+    y, last = selective_scan_fn(u, delta, A, B, C, D, bias, True, return_last_state=True)
+    assert y.shape == (batch, 4, length) and last.shape == (batch, 4, 2)
+    assert torch.all(last == 0)
+    y.sum().backward()
+    assert u.grad.shape == u.shape
+
+
+def _valid():
+    return dict(zip("u delta A B C D delta_bias".split(),
+                    make_inputs(2, 8, 10, 2, 4, bias_len=8, dtype=torch.float32)))
+
+
+@pytest.mark.parametrize("name,value,error,match", [
+    ("u", torch.zeros(2, 8), ValueError, "`u` must have 3"),
+    ("delta", torch.zeros(2, 3, 10), ValueError, "`delta`"),
+    ("delta", torch.zeros(2, 8, 11), ValueError, "`delta`"),
+    ("A", torch.zeros(8, 2, 1), ValueError, "`A` must have 2"),
+    ("A", torch.zeros(6, 2), ValueError, "`A`"),
+    ("B", torch.zeros(2, 3, 2, 10), ValueError, "groups"),
+    ("B", torch.zeros(2, 4, 3, 10), ValueError, "`B`"),
+    ("C", torch.zeros(2, 2, 2, 10), ValueError, "`C`"),
+    ("D", torch.zeros(7), ValueError, "`D`"),
+    ("delta_bias", torch.zeros(5), ValueError, "`delta_bias`"),
+    ("u", torch.zeros(2, 8, 10, dtype=torch.int32), TypeError, "`u` has unsupported dtype"),
+    ("B", "not a tensor", TypeError, "`B` must be a torch.Tensor"),
+])
+def test_validation_names_the_argument(name, value, error, match):
+    kwargs = _valid()
+    kwargs[name] = value
+    with pytest.raises(error, match=match):
+        selective_scan_fn(**kwargs)
+
+
+def test_backend_errors():
+    kwargs = _valid()
+    with pytest.raises(ValueError, match="`backend`"):
+        selective_scan_fn(**kwargs, backend="triton")
+    if not selective_scan.cuda_available():
+        with pytest.raises(RuntimeError, match="backend='cuda'.*unavailable"):
+            selective_scan_fn(**kwargs, backend="cuda")
+
+
+def test_scan_flops_rule():
+    assert scan_flops(128, 3136, 384, 1) == 9 * 128 * 3136 * 384 + 128 * 384 * 3136
+    assert scan_flops(2, 10, 8, 16, with_D=False) == 9 * 2 * 10 * 8 * 16
+
+
+def test_build_info_is_one_line():
+    info = selective_scan.build_info()
+    assert info and "\n" not in info
+    assert info.startswith("CUDA extension built for") or info.startswith("torch path only:")
+
+
+def test_jit_trace_records_the_op_name():
+    kwargs = _valid()
+    traced = torch.jit.trace(lambda u, delta: selective_scan_fn(u, delta, kwargs["A"], kwargs["B"], kwargs["C"],
+                                                                 kwargs["D"], kwargs["delta_bias"], True),
+                             (kwargs["u"], kwargs["delta"]), check_trace=False)
+    assert "selective_scan::scan_fwd" in {node.kind() for node in traced.graph.nodes()}
+
+
+def test_autocast_keeps_input_dtypes():
+    kwargs = _valid()
+    expected = selective_scan_fn(**kwargs, delta_softplus=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = selective_scan_fn(**kwargs, delta_softplus=True)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected)
+
+
+def test_torch_compile_fullgraph():
+    torch._dynamo.reset()
+    kwargs = {k: v.requires_grad_() if v is not None else v for k, v in _valid().items()}
+
+    def fn(u, delta, A, B, C, D, delta_bias):
+        y, last = selective_scan_fn(u, delta, A, B, C, D, delta_bias, delta_softplus=True, return_last_state=True,
+                                    backend="torch")
+        return (y * y).sum() + last.sum()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(**kwargs)
+    grads = torch.autograd.grad(loss, list(kwargs.values()))
+    loss_ref = fn(**kwargs)
+    grads_ref = torch.autograd.grad(loss_ref, list(kwargs.values()))
+    torch.testing.assert_close(loss, loss_ref)
+    for got, want in zip(grads, grads_ref):
+        torch.testing.assert_close(got, want)
