@@ -52,3 +52,15 @@ def test_cli_json_last_line(capsys, monkeypatch):
     result = json.loads(last)
     assert result["model"] == "vmamba_tiny_s1l8" and result["params"] == 30_249_064
     assert result["size"] == [64, 96] and 0 < result["gflops"] < 4.906 * 64 * 96 / 224 ** 2 * 1.2
+
+
+@pytest.mark.slow
+def test_cli_counts_the_whole_detector_from_its_config(capsys, monkeypatch):
+    """Mask R-CNN VMamba-T at the authors' (3, 1280, 800): 271G FLOPs, 50M params (their table)."""
+    config = str(REPO / "detection/configs/vssm1/mask_rcnn_vssm_fpn_coco_tiny.py")
+    monkeypatch.setattr(sys, "argv", ["flops.py", "--config", config, "--json"])
+    runpy.run_path(str(REPO / "analyze" / "flops.py"), run_name="__main__")
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["size"] == [1280, 800]
+    assert result["gflops"] == pytest.approx(271, rel=0.005)
+    assert result["params"] == pytest.approx(50e6, rel=0.01)
