@@ -90,3 +90,18 @@ def test_train_test_and_tta_tools(tmp_path, demo_data):
     from mmengine.config import Config
     used = Config.fromfile(str(work / 'upernet_vssm_synthetic_tiny.py'))
     assert used.model.type == 'SegTTAModel' and used.model.module.backbone.type == 'MM_VSSM'
+
+
+@pytest.mark.parametrize('task', ['detection', 'segmentation'])
+def test_dist_scripts_launch_their_own_tools(task, tmp_path):
+    """dist_train.sh / dist_test.sh build the legacy-launcher command for this folder's tools."""
+    env = dict(os.environ, PYTHON='echo', NNODES='2', NODE_RANK='1', MASTER_ADDR='10.0.0.1', PORT='29999')
+    train = subprocess.run(['bash', str(REPO / task / 'tools/dist_train.sh'), 'cfg.py', '4', '--amp'],
+                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert train[:2] == ['-m', 'torch.distributed.launch']
+    assert {'--nnodes=2', '--node_rank=1', '--master_addr=10.0.0.1', '--nproc_per_node=4',
+            '--master_port=29999'} <= set(train)
+    assert train[-5:] == [str(REPO / task / 'tools/train.py'), 'cfg.py', '--amp', '--launcher', 'pytorch']
+    test = subprocess.run(['bash', str(REPO / task / 'tools/dist_test.sh'), 'cfg.py', 'ckpt.pth', '1', '--tta'],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert test[-6:] == [str(REPO / task / 'tools/test.py'), 'cfg.py', 'ckpt.pth', '--tta', '--launcher', 'pytorch']
