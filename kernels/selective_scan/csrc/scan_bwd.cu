@@ -76,10 +76,11 @@ scan_bwd_kernel(const BwdParams p) {
       load_items(C_rows + n * L, t0, L, s.vector_io, Cv);
 
       // Forward recurrence inside the tile, started from the saved state.
+      const float A2 = A[n] * kLog2e;
       float lane_a = 1.f, lane_b = 0.f;
 #pragma unroll
       for (int i = 0; i < kItems; ++i) {
-        a[i] = expf(dt[i] * A[n]);
+        a[i] = exp2f(dt[i] * A2);
         lane_b = a[i] * lane_b + dt[i] * u[i] * Bv[i];
         lane_a *= a[i];
       }

@@ -1,10 +1,15 @@
 // Shared definitions of the selective-scan kernels (forward in scan_fwd.cu, backward in scan_bwd.cu).
 //
-// Work split: one warp owns one (batch, channel) row and walks L in tiles of kTile steps; each lane holds
-// kItems consecutive steps, scans them sequentially, and the 32 lane results are combined with warp
-// shuffles. The state carried between tiles stays in registers, so a row needs no block-level barrier in
-// the forward pass. The combine rule for h -> a*h + b maps is (a1,b1) then (a2,b2) = (a1*a2, a2*b1 + b2);
-// every factor is a decay exp(dt*A), so nothing overflows however long the chunk.
+// Work split: a warp walks a sequence in tiles of kTile steps; each lane holds kItems consecutive steps,
+// scans them sequentially, and the 32 lane results are combined with warp shuffles. The state carried
+// between tiles stays in registers, so the forward pass needs no block-level barrier. The combine rule for
+// h -> a*h + b maps is (a1,b1) then (a2,b2) = (a1*a2, a2*b1 + b2); every factor is a decay exp(dt*A) (or 0
+// where a row restarts), so nothing overflows however long the chunk.
+//
+// The forward pass treats R consecutive (batch, channel) rows as one flat sequence (the rows of u, delta and
+// y are contiguous), restarting the state at each row's first step (a = 0 there). Short rows (VMamba's
+// L = 196 and 49) then fill whole tiles, and the flat tiles stay on the 16-byte grid whatever L is. The
+// backward pass still owns one row per warp.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -22,6 +27,7 @@ constexpr int kMaxDState = 16;
 constexpr int kMaxWarpsPerBlock = 8;
 constexpr float kSoftplusThreshold = 20.f;
 constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e)): exp2f is one MUFU op plus scaling
 
 enum class ScalarKind { kFloat32, kFloat16, kBFloat16 };
 
@@ -32,11 +38,32 @@ struct ScanShape {
   int bias_len;     // 0 (no bias), channels, or delta_rows
   int num_tiles;
   bool softplus;
-  bool vector_io;   // length % kItems == 0 and every base pointer 16-byte aligned
+  bool vector_io;   // length % kItems == 0 and every base pointer 16-byte aligned (backward's row loads)
+};
+
+// n / d for 0 <= n < 2^31 with a multiply-high and a shift instead of a division (the divisor is fixed per
+// launch); the magic-number scheme of PyTorch's IntDivider.
+struct FastDiv {
+  unsigned divisor = 1, multiplier = 1, shift = 0;
+  FastDiv() = default;
+  explicit FastDiv(unsigned d) : divisor(d) {
+    for (shift = 0; shift < 32; ++shift)
+      if ((1u << shift) >= d) break;
+    const uint64_t one = 1;
+    multiplier = static_cast<unsigned>(((one << 32) * ((one << shift) - d)) / d + 1);
+  }
+#ifdef __CUDACC__
+  __device__ __forceinline__ int div(int n) const {
+    return static_cast<int>((__umulhi(static_cast<unsigned>(n), multiplier) + static_cast<unsigned>(n)) >> shift);
+  }
+#endif
 };
 
 struct FwdParams {
   ScanShape shape;
+  int rows_per_warp;                // consecutive (batch, channel) rows one warp scans as one flat sequence
+  FastDiv by_length, by_channels;   // flat step -> row, row -> batch
+  FastDiv by_group_size, by_delta_group_size;  // channel -> B/C group, channel -> delta row
   const void *u, *delta, *B, *C;  // input dtype
   const float *A, *D, *delta_bias;  // D / delta_bias may be null
   void* out;                        // float or input dtype (out_float)
@@ -108,8 +135,25 @@ __device__ __forceinline__ void load_items(const T* row, int t0, int length, boo
   }
 }
 
-// Double-buffered loads of one row along the tiles: load(tile) returns the tile's items and, on the
-// vector path, already has the next tile's 16-byte words in flight.
+__device__ __forceinline__ bool is_aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// Loads kItems consecutive values starting at `first` (all in bounds): 16-byte loads where the address
+// allows (B/C rows and grouped delta rows start wherever L puts them), else one load per value.
+template <typename T>
+__device__ __forceinline__ void load_run(const T* first, float (&out)[kItems]) {
+  if (is_aligned16(first)) {
+    RawItems<T> raw;
+    fetch_raw(first, 0, raw);
+    unpack_raw(raw, out);
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) out[i] = to_float(first[i]);
+  }
+}
+
+// Double-buffered loads of a sequence along the tiles: load(t0) returns the lane's items (zero past the
+// end) and, on the vector path, already has the next tile's 16-byte words in flight. t0 is a multiple of
+// kItems; a lane that straddles the end takes scalar loads.
 template <typename T>
 struct PrefetchedRow {
   const T* row;
@@ -119,22 +163,16 @@ struct PrefetchedRow {
 
   __device__ __forceinline__ PrefetchedRow(const T* row_, int length_, bool vector_io_, int first_t0)
       : row(row_), length(length_), vector_io(vector_io_) {
-    if (vector_io && first_t0 < length) fetch_raw(row, first_t0, next);
+    if (vector_io && first_t0 + kItems <= length) fetch_raw(row, first_t0, next);
   }
 
-  // With vector_io, length % kItems == 0, so a lane's items are all inside or all outside the row.
   __device__ __forceinline__ void load(int t0, int next_t0, float (&out)[kItems]) {
-    if (!vector_io) {
-      load_items(row, t0, length, false, out);
-      return;
-    }
-    if (t0 < length) {
+    if (vector_io && t0 + kItems <= length) {
       unpack_raw(next, out);
     } else {
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) out[i] = 0.f;
+      load_items(row, t0, length, false, out);
     }
-    if (next_t0 >= 0 && next_t0 < length) fetch_raw(row, next_t0, next);
+    if (vector_io && next_t0 >= 0 && next_t0 + kItems <= length) fetch_raw(row, next_t0, next);
   }
 };
 
@@ -155,8 +193,27 @@ __device__ __forceinline__ void store_items(T* row, int t0, int length, bool vec
   }
 }
 
+// Stores the items whose bit is set in `valid` to first[0..kItems-1]; one or two 16-byte stores when all are.
+template <typename T>
+__device__ __forceinline__ void store_run(T* first, unsigned valid, const float (&in)[kItems]) {
+  if (valid == (1u << kItems) - 1 && is_aligned16(first)) {
+    constexpr int kVectors = kItems * sizeof(T) / 16;
+    uint4 raw[kVectors];
+    T* values = reinterpret_cast<T*>(raw);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) values[i] = from_float<T>(in[i]);
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) reinterpret_cast<uint4*>(first)[v] = raw[v];
+  } else {
+#pragma unroll
+    for (int i = 0; i < kItems; ++i)
+      if (valid >> i & 1) first[i] = from_float<T>(in[i]);
+  }
+}
+
 // Accurate expf/log1pf (the build does not use fast math): dt enters exp(sum dt*A) over thousands of
-// steps, so a systematic error in dt or in the decay grows with L.
+// steps, so a systematic error in dt grows with L. (The decay itself is exp2f(dt * A*log2(e)): exp2f is
+// accurate to 2 ulp, and rounding A*log2(e) once per row only scales A by 1 + 6e-8.)
 __device__ __forceinline__ float softplus(float x) {
   return x <= kSoftplusThreshold ? log1pf(expf(x)) : x;
 }
