@@ -64,3 +64,13 @@ def test_cli_counts_the_whole_detector_from_its_config(capsys, monkeypatch):
     assert result["size"] == [1280, 800]
     assert result["gflops"] == pytest.approx(271, rel=0.005)
     assert result["params"] == pytest.approx(50e6, rel=0.01)
+
+
+@pytest.mark.cuda
+def test_counts_the_same_on_cuda_as_on_cpu():
+    """A jit trace on CUDA must not hand traced sizes to the Triton cross-scan (it traces torch ops)."""
+    model = VSSM(dims=8, depths=(1, 1, 1, 1), ssm_d_state=1, ssm_ratio=1.0, forward_type="v05_noz",
+                 norm_layer="ln2d", downsample_version="v3", patchembed_version="v2", num_classes=3).eval()
+    x = torch.randn(2, 3, 40, 56)
+    on_cpu = count_flops(model, x)
+    assert count_flops(model.cuda(), x.cuda()) == on_cpu

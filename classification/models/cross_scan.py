@@ -44,7 +44,9 @@ def _check_routes(routes):
 
 def _pick_backend(backend, tensor):
     if backend is None:
-        return "triton" if (tensor.is_cuda and triton is not None) else "torch"
+        # a jit trace (fvcore's FLOP counter) hands traced sizes to the kernel launch: trace torch ops
+        use_triton = tensor.is_cuda and triton is not None and not torch.jit.is_tracing()
+        return "triton" if use_triton else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown cross-scan backend {backend!r}; valid: {list(BACKENDS)} or None")
     if backend == "triton" and triton is None:
