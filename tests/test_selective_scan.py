@@ -6,7 +6,8 @@ import torch
 
 import selective_scan
 from selective_scan import scan_flops, selective_scan_fn, selective_scan_ref
-from selective_scan.torch_scan import CHUNK, linear_scan_time_major
+from selective_scan import torch_scan
+from selective_scan.torch_scan import CHUNK, chunk_length, linear_scan_time_major
 
 
 def make_inputs(batch, channels, length, d_state, groups, delta_rows=None, bias_len=None, dtype=torch.float64,
@@ -91,6 +92,121 @@ def test_no_overflow_with_large_decay():
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y.double(), y_ref, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(last.double(), last_ref, rtol=1e-4, atol=1e-4)
+
+
+def _compare_with_loop(inputs, softplus, y_tol=1e-10, grad_tol=1e-9, seed=1):
+    batch, channels, length = inputs[0].shape
+    d_state = inputs[2].shape[1]
+    g = torch.Generator().manual_seed(seed)
+    y_weight = torch.randn(batch, channels, length, generator=g, dtype=torch.float64)
+    state_weight = torch.randn(batch, channels, d_state, generator=g, dtype=torch.float64)
+
+    def run(fn):
+        return lambda *t: fn(*t, delta_softplus=softplus, return_last_state=True)
+
+    y, last, grads = grads_of(run(lambda *t, **k: selective_scan_fn(*t, **k, backend="torch")), inputs,
+                              y_weight, state_weight)
+    ref_inputs = [None if t is None else t.double() for t in inputs]
+    y_ref, last_ref, grads_ref = grads_of(run(selective_scan_ref), ref_inputs, y_weight, state_weight)
+    assert torch.isfinite(y).all() and all(torch.isfinite(t).all() for t in grads)
+    torch.testing.assert_close(y.double(), y_ref, rtol=y_tol, atol=y_tol)
+    torch.testing.assert_close(last.double(), last_ref, rtol=y_tol, atol=y_tol)
+    names = [n for n, t in zip("u delta A B C D delta_bias".split(), inputs) if t is not None]
+    for name, got, want in zip(names, grads, grads_ref):
+        torch.testing.assert_close(got.double(), want, rtol=grad_tol, atol=grad_tol,
+                                   msg=lambda m, n=name: f"grad {n}: {m}")
+
+
+def _unsafe_fraction(delta, bias, A, softplus):
+    """Fraction of (row, chunk) pairs that take the stable path."""
+    dt = delta + bias[:, None]
+    dt = torch.nn.functional.softplus(dt) if softplus else dt
+    chunks = torch_scan._Chunks(dt, A, torch_scan._monotone(A, dt, softplus))
+    total = chunks.e.shape[0] * chunks.e.shape[1]
+    return 0.0 if chunks.unsafe is None else chunks.unsafe[0].numel() / total
+
+
+def test_chunk_length_policy():
+    assert chunk_length(1) == 1 and chunk_length(49) == 49 and chunk_length(64) == 64  # one chunk
+    assert chunk_length(3136) == 16 and chunk_length(784) == 16 and chunk_length(196) == 14  # divisors
+    assert chunk_length(331) == torch_scan.PREFERRED_CHUNK  # prime: padded
+
+
+MIXED_CASES = [
+    # L, N, softplus: one chunk / divisor chunks / padded chunks; N = 1 (one matmul per channel) and N > 1
+    (60, 1, True),
+    (336, 1, True),
+    (331, 1, True),
+    (210, 16, True),
+    (67, 4, False),
+]
+
+
+@pytest.mark.parametrize("length,d_state,softplus", MIXED_CASES, ids=[f"L{c[0]}-N{c[1]}" for c in MIXED_CASES])
+def test_safe_and_unsafe_chunks_match_loop_float64(length, d_state, softplus):
+    """Bursts of large dt * |A| (A down to -16, as in the v0 models) make some chunks exceed LOG_SPAN_LIMIT:
+    those take the stable step-by-step path, the rest the closed form; both must be exact."""
+    u, delta, A, B, C, D, bias = make_inputs(2, 8, length, d_state, 4, bias_len=8)
+    A = -torch.linspace(0.05, 16.0, 8 * d_state, dtype=torch.float64).view(8, d_state)
+    burst = torch.zeros(length, dtype=torch.float64)
+    burst[length // 3: length // 3 + 5] = 12.0  # dt*|A| up to ~200 per step there
+    burst[-3:] = 30.0  # and at the very end (padding region of the last chunk)
+    delta = delta + burst
+    assert 0 < _unsafe_fraction(delta, bias, A, softplus) < 1
+    _compare_with_loop((u, delta, A, B, C, D, bias), softplus)
+
+
+def test_non_monotone_decays_match_loop_float64():
+    """A > 0 somewhere and dt < 0 (no softplus): chunk-local cumsums are not monotone; the safety check then
+    looks at both extremes of every chunk."""
+    u, delta, A, B, C, D, bias = make_inputs(1, 6, 150, 2, 3, bias_len=6)
+    g = torch.Generator().manual_seed(5)
+    A = 0.6 * torch.rand(6, 2, generator=g, dtype=torch.float64) - 0.4
+    delta = 4.0 * torch.rand(1, 6, 150, generator=g, dtype=torch.float64) - 2.0
+    delta[..., 40:48] = 40.0  # a burst: |dt * A| up to 16 per step, some chunks exceed the limit
+    assert not torch_scan._monotone(A, delta, False) and 0 < _unsafe_fraction(delta, bias, A, False) < 1
+    _compare_with_loop((u, delta, A, B, C, D, bias), softplus=False, y_tol=1e-9, grad_tol=1e-8)
+
+
+def test_softplus_threshold_branch_matches_loop_float64():
+    u, delta, A, B, C, D, bias = make_inputs(1, 4, 90, 1, 2, bias_len=4)
+    delta[..., 10:20] = 25.0  # x > 20: softplus(x) = x, gradient 1
+    _compare_with_loop((u, delta, A, B, C, D, bias), softplus=True)
+
+
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_float32_with_large_decays_matches_float64(d_state):
+    """fp32 with chunk spreads up to the limit and beyond: forward and gradients at tight tolerances."""
+    u, delta, A, B, C, D, bias = make_inputs(1, 8, 400, d_state, 2, bias_len=8)
+    A = -torch.linspace(0.5, 16.0, 8 * d_state, dtype=torch.float64).view(8, d_state)
+    delta = 3.0 * delta - 1.0  # dt in (0.3, 1.2): spreads of 16 steps from ~3 to ~300
+    inputs = [t.float() for t in (u, delta, A, B, C, D, bias)]
+    _compare_with_loop(inputs, softplus=True, y_tol=2e-5, grad_tol=2e-4)
+
+
+def test_reduction_path_without_matmuls(monkeypatch):
+    """The cumsum/sum path used off CPU or under a reduced float32 matmul precision (TF32/bf16 matmuls would
+    spoil the oracle): same results."""
+    monkeypatch.setattr(torch_scan, "_use_matmul", lambda x: False)
+    u, delta, A, B, C, D, bias = make_inputs(2, 8, 331, 1, 4, bias_len=8)
+    delta = delta.clone()
+    delta[..., 100:104] = 40.0  # some unsafe chunks too
+    _compare_with_loop((u, delta, A * 4, B, C, D, bias), softplus=True)
+    test_torch_path_matches_loop_float64(CASES[4])
+
+
+def test_gradcheck_float64_unsafe_chunks():
+    u, delta, A, B, C, D, bias = make_inputs(1, 2, 70, 2, 1, bias_len=2)
+    delta = delta.clone()
+    delta[..., 30:34] = 30.0
+    A = A * 8
+    assert 0 < _unsafe_fraction(delta, bias, A, True) < 1
+    inputs = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]
+
+    def fn(*t):
+        return selective_scan_fn(*t, delta_softplus=True, return_last_state=True, backend="torch")
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
 def test_linear_scan_against_sequential_loop():
