@@ -23,7 +23,8 @@ KERNEL_SITE=/tmp/selective_scan_site
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
   || { echo "wheel install failed"; exit 1; }
-export PYTHONPATH="$KERNEL_SITE:$SITE:$PWD"
+# a carried kernels/selective_scan/selective_scan/_C*.so (built on an earlier call) skips the build
+export PYTHONPATH="$KERNEL_SITE:$SITE:$PWD:$PWD/kernels/selective_scan"
 if ! python3 -c "import selective_scan, sys; sys.exit(not selective_scan.extension_built())" 2>/dev/null; then
   start=$(date +%s)
   TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --no-cache-dir \

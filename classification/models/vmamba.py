@@ -32,7 +32,11 @@ class Linear2d(nn.Linear):
 
     def forward(self, x):
         x_last = x.permute(0, 2, 3, 1)
-        if x_last.is_contiguous():  # channels-last storage: a plain GEMM over the pixels
+        # A GEMM over channels-last storage is fastest, except for full fp32 on CUDA: there cuDNN's 1x1
+        # convolution follows PyTorch's default TF32 policy for convolutions (as the authors' conv-based
+        # Linear2d does), which cuBLAS GEMMs do not (torch.backends.cuda.matmul.allow_tf32 is off).
+        fp32_on_cuda = x.is_cuda and x.dtype == torch.float32 and not torch.is_autocast_enabled("cuda")
+        if x_last.is_contiguous() and not fp32_on_cuda:
             return F.linear(x_last, self.weight, self.bias).permute(0, 3, 1, 2)
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
