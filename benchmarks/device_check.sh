@@ -10,7 +10,7 @@
 #   train    classification/main.py on one GPU (img/s, fp16 stability); train2: also 2 GPUs (torchrun)
 #   mm       Mask R-CNN and UperNet, VMamba-T vs Swin-T, a few hundred iterations
 #
-# It installs the carried wheels (.whl/, see shared/device/README.md) and builds the selective-scan
+# It installs the carried wheels (.whl/, staged by benchmarks/stage_device_wheels.sh) and builds the selective-scan
 # extension for the card first. Logs and results go under $OUT (default ./device_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
