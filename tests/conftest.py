@@ -1,5 +1,12 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_collection_modifyitems(config, items):
@@ -9,3 +16,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def mm_tool():
+    """Runs ``<task>/tools/<tool>`` (task: detection or segmentation) in a subprocess on the generated
+    data in ``data``; asserts it succeeded and returns its output."""
+    def run(task, tool, *args, cwd, data):
+        env = dict(os.environ, VMAMBA_DEMO_DATA=str(data))
+        proc = subprocess.run([sys.executable, str(REPO / task / 'tools' / tool), *map(str, args)],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+    return run

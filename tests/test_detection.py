@@ -29,14 +29,6 @@ def demo_data(tmp_path_factory):
     return root
 
 
-def run_tool(tool, *args, cwd, data):
-    env = dict(os.environ, VMAMBA_DEMO_DATA=str(data))
-    proc = subprocess.run([sys.executable, str(REPO / 'detection/tools' / tool), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
 def load_demo_config(data, monkeypatch):
     from mmengine.config import Config
     monkeypatch.setenv('VMAMBA_DEMO_DATA', str(data))
@@ -119,21 +111,21 @@ def test_mask_rcnn_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
     assert result.pred_instances.masks.shape[1:] == (64, 64)
 
 
-def test_train_resume_and_test_tools(tmp_path, demo_data):
+def test_train_resume_and_test_tools(tmp_path, demo_data, mm_tool):
     """tools/train.py trains (tiny backbone) and resumes its own checkpoint (torch >= 2.6
     weights_only default); tools/test.py evaluates a checkpoint with pycocotools' CocoMetric.
     The tools run in a foreign cwd: the configs' custom_imports find MM_VSSM in the package."""
     work = tmp_path / 'work'
     common = ['--work-dir', work, '--cfg-options', *TINY_BACKBONE, *NO_WORKERS,
               'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=1']
-    run_tool('train.py', DEMO, *common, 'train_cfg.max_iters=1', cwd=tmp_path, data=demo_data)
+    mm_tool('detection', 'train.py', DEMO, *common, 'train_cfg.max_iters=1', cwd=tmp_path, data=demo_data)
     assert (work / 'iter_1.pth').is_file()
-    log = run_tool('train.py', DEMO, '--resume', *common, 'train_cfg.max_iters=2',
+    log = mm_tool('detection', 'train.py', DEMO, '--resume', *common, 'train_cfg.max_iters=2',
                    cwd=tmp_path, data=demo_data)
     assert 'resumed epoch: 0, iter: 1' in log and (work / 'iter_2.pth').is_file()
 
     out = tmp_path / 'preds.pkl'
-    log = run_tool('test.py', DEMO, work / 'iter_2.pth', '--out', out, '--work-dir', work,
+    log = mm_tool('detection', 'test.py', DEMO, work / 'iter_2.pth', '--out', out, '--work-dir', work,
                    '--cfg-options', *TINY_BACKBONE, *NO_WORKERS, cwd=tmp_path, data=demo_data)
     assert 'coco/bbox_mAP:' in log and 'coco/segm_mAP:' in log
     assert out.is_file()

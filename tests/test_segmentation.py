@@ -6,7 +6,6 @@ backbone and head where it is about the tools.
 """
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -29,14 +28,6 @@ def demo_data(tmp_path_factory):
     root = tmp_path_factory.mktemp('demo')
     write_ade(str(root / 'ade'), num_train=4, num_val=2, size=64)
     return root
-
-
-def run_tool(tool, *args, cwd, data):
-    env = dict(os.environ, VMAMBA_DEMO_DATA=str(data))
-    proc = subprocess.run([sys.executable, str(REPO / 'segmentation/tools' / tool), *map(str, args)],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def test_upernet_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
@@ -71,21 +62,21 @@ def test_upernet_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
     assert result.pred_sem_seg.data.shape == (1, 64, 64)
 
 
-def test_train_test_and_tta_tools(tmp_path, demo_data):
+def test_train_test_and_tta_tools(tmp_path, demo_data, mm_tool):
     """tools/train.py trains UperNet (tiny backbone/head) and saves a checkpoint; tools/test.py
     evaluates it with IoUMetric, single-scale and with --tta (6 scales x flip). The tools run in a
     foreign cwd: the configs' custom_imports find MM_VSSM in the installed package."""
     work = tmp_path / 'work'
-    run_tool('train.py', DEMO, '--work-dir', work, '--cfg-options', *TINY_MODEL, *NO_WORKERS,
+    mm_tool('segmentation', 'train.py', DEMO, '--work-dir', work, '--cfg-options', *TINY_MODEL, *NO_WORKERS,
              'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
              'default_hooks.checkpoint.interval=2', cwd=tmp_path, data=demo_data)
     ckpt = work / 'iter_2.pth'
     assert ckpt.is_file()
 
     test_args = [DEMO, ckpt, '--work-dir', work, '--cfg-options', *TINY_MODEL, *NO_WORKERS]
-    log = run_tool('test.py', *test_args, cwd=tmp_path, data=demo_data)
+    log = mm_tool('segmentation', 'test.py', *test_args, cwd=tmp_path, data=demo_data)
     assert 'mIoU:' in log
-    log = run_tool('test.py', *test_args[:2], '--tta', *test_args[2:], cwd=tmp_path, data=demo_data)
+    log = mm_tool('segmentation', 'test.py', *test_args[:2], '--tta', *test_args[2:], cwd=tmp_path, data=demo_data)
     assert 'mIoU:' in log
     from mmengine.config import Config
     used = Config.fromfile(str(work / 'upernet_vssm_synthetic_tiny.py'))
