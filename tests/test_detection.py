@@ -147,3 +147,21 @@ print(type(det.backbone).__name__, type(det0.backbone).__name__, type(seg.backbo
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-3:] == ['MM_VSSM'] * 3
+
+
+@pytest.mark.parametrize('norm_layer', ['ln2d', 'ln'])
+def test_backbone_features_read_correctly_by_mmcv_roi_align(norm_layer):
+    # mmcv's RoIAlign indexes its input as NCHW memory whatever its strides; a channels-last output
+    # made every RoI feature garbage (training loss fell, box AP stayed at zero)
+    from mmcv.ops import RoIAlign
+    from detection.mm_vssm import MM_VSSM
+    torch.manual_seed(0)
+    backbone = MM_VSSM(dims=16, depths=(1, 1, 1, 1), norm_layer=norm_layer).eval()
+    with torch.no_grad():
+        feats = backbone(torch.randn(1, 3, 64, 96))
+    rois = torch.tensor([[0, 3.0, 2.0, 13.0, 11.0]])
+    for stride, feat in zip((4, 8, 16, 32), feats):
+        assert feat.is_contiguous()
+        op = RoIAlign((7, 7), 1.0 / stride, sampling_ratio=2, aligned=True)
+        reference = op(feat.detach().clone(memory_format=torch.contiguous_format), rois * 4)
+        torch.testing.assert_close(op(feat, rois * 4), reference)

@@ -600,7 +600,7 @@ def _legacy_keys_hook(module, state_dict, prefix, *args):
 class Backbone_VSSM(VSSM):
     """VSSM without the classifier, for detection / segmentation.
 
-    Returns a list of channel-first maps, one per ``out_indices`` stage (strides 4/8/16/32), each
+    Returns a list of contiguous (NCHW) maps, one per ``out_indices`` stage (strides 4/8/16/32), each
     taken before that stage's downsample and normalised by ``outnorm{i}``. ``pretrained``: a
     classification checkpoint (path or dict); its classifier keys are ignored, every other
     difference is reported; a missing file is an error.
@@ -627,7 +627,10 @@ class Backbone_VSSM(VSSM):
             x = layer.blocks(x)
             if i in self.out_indices:
                 out = getattr(self, f"outnorm{i}")(x)
-                outs.append(out if self.channel_first else out.permute(0, 3, 1, 2))
+                out = out if self.channel_first else out.permute(0, 3, 1, 2)
+                # Standard NCHW memory: mmcv's RoIAlign (and other ops that index data_ptr directly)
+                # read channels-last storage as if it were NCHW and return scrambled features.
+                outs.append(out.contiguous())
             x = layer.downsample(x)
         return outs if self.out_indices else x
 
