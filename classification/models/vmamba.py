@@ -21,6 +21,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 from .cross_scan import cross_merge, cross_scan
+from .layer_norm import layer_norm_lastdim
 
 __all__ = ["Linear2d", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
            "NORM_LAYERS", "rename_legacy_keys"]
@@ -49,11 +50,29 @@ class Linear2d(nn.Linear):
 
 
 class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over C of a (B, C, H, W) map."""
+    """LayerNorm over C of a (B, C, H, W) map.
+
+    ``matmul_input=True`` marks a norm whose output goes straight into a linear layer: under CUDA
+    autocast it is then written in the autocast dtype by one kernel, the value the linear layer's own
+    cast would produce, instead of fp32 layer_norm + cast (see layer_norm.py).
+    """
+
+    def __init__(self, normalized_shape, eps=1e-5, matmul_input=False, **kwargs):
+        super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.matmul_input = matmul_input
 
     def forward(self, x):
-        x = F.layer_norm(x.permute(0, 2, 3, 1), self.normalized_shape, self.weight, self.bias, self.eps)
-        return x.permute(0, 3, 1, 2)
+        x_last = x.permute(0, 2, 3, 1)
+        if self.matmul_input and x.is_cuda and torch.is_autocast_enabled("cuda") and x_last.is_contiguous():
+            y = layer_norm_lastdim(x_last, self.weight, self.bias, self.eps, torch.get_autocast_dtype("cuda"))
+        else:
+            y = F.layer_norm(x_last, self.normalized_shape, self.weight, self.bias, self.eps)
+        return y.permute(0, 3, 1, 2)
+
+
+def _norm_before_matmul(norm_layer, dim):
+    """``norm_layer(dim)`` for a norm that feeds a linear layer (LayerNorm2d.matmul_input)."""
+    return norm_layer(dim, matmul_input=True) if norm_layer is LayerNorm2d else norm_layer(dim)
 
 
 class Permute(nn.Module):
@@ -279,7 +298,7 @@ class SS2D(nn.Module):
         self.Ds._no_weight_decay = True
         self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
-        self.out_norm = LayerNorm2d(d_inner) if channel_first else nn.LayerNorm(d_inner)
+        self.out_norm = LayerNorm2d(d_inner, matmul_input=True) if channel_first else nn.LayerNorm(d_inner)
         self.out_proj = linear(d_inner, d_model, bias=bias)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
@@ -375,7 +394,7 @@ class VSSBlock(nn.Module):
         super().__init__()
         self.use_checkpoint = use_checkpoint
         if ssm_ratio > 0:
-            self.norm = norm_layer(hidden_dim)
+            self.norm = _norm_before_matmul(norm_layer, hidden_dim)
             self.op = SS2D(
                 d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
                 act_layer=ssm_act_layer, d_conv=ssm_conv, conv_bias=ssm_conv_bias, dropout=ssm_drop_rate,
@@ -385,7 +404,7 @@ class VSSBlock(nn.Module):
             self.op = None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if mlp_ratio > 0:
-            self.norm2 = norm_layer(hidden_dim)
+            self.norm2 = _norm_before_matmul(norm_layer, hidden_dim)
             self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio), act_layer=mlp_act_layer, drop=mlp_drop_rate,
                            channel_first=channel_first, gated=gmlp)
         else:
