@@ -66,7 +66,8 @@ def test_cuda_kernel_equals_layer_norm_and_cast(out_dtype):
         ref = F.layer_norm(x, (C,), w, b, 1e-5).to(out_dtype)
         tol = dict(rtol=1e-5, atol=1e-5) if out_dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(y, ref, **tol)
-        assert (y != ref).float().mean() < 1e-3  # the rare differences are one rounding apart
+        if out_dtype != torch.float32:  # one rounding of (nearly) the same fp32 value: rarely different
+            assert (y != ref).float().mean() < 1e-3
         g = torch.randn_like(ref)
         for a, e in zip(torch.autograd.grad(y, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g)):
             torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-3 * max(1.0, rows / 1000))

@@ -12,6 +12,7 @@ activations in channels-last *memory* (NCHW shape, NHWC storage): per-pixel line
 run on contiguous rows and no transposes are materialised.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -239,6 +240,22 @@ def _selective_scan_fn():
     return selective_scan_fn
 
 
+# The fused SS2D core on CUDA (set VMAMBA_SS2D_FUSED=0, or this flag False, for the unfused path)
+FUSED_SS2D = os.environ.get("VMAMBA_SS2D_FUSED", "1") != "0"
+
+
+def _fused_ss2d(module, x):
+    """The selective_scan.ss2d module when SS2D `module` runs its core fused on x, else None: CUDA tensors,
+    cross2d routes, and what the fused kernel supports (its dispatch rule). Under jit tracing (fvcore's FLOP
+    count) the unfused ops are traced, since the FLOP handlers key on them."""
+    if not (FUSED_SS2D and x.is_cuda and module.routes == "cross2d") or torch.jit.is_tracing():
+        return None
+    from selective_scan import ss2d
+    if ss2d.fused_unsupported_reason(x, module.dt_rank, module.d_state) is not None:
+        return None
+    return ss2d
+
+
 class SS2D(nn.Module):
     """2-D selective scan: in_proj -> dwconv -> SiLU -> cross-scan -> S6 (K=4 routes) -> cross-merge
     -> out_norm (-> * SiLU(z) if gated) -> out_proj.
@@ -333,8 +350,13 @@ class SS2D(nn.Module):
                     delta_bias=self.dt_projs_bias.view(-1).float(), delta_softplus=True)
 
     def ssm(self, x):
-        """x (B, D, H, W) -> merged scan output, fp32, in the module's layout."""
+        """x (B, D, H, W) -> merged scan output, fp32, in the module's layout. On CUDA the fused SS2D core
+        (selective_scan.ss2d) replaces cross-scan, projections, scan and merge where it applies."""
         B, D, H, W = x.shape
+        ss2d = _fused_ss2d(self, x)
+        if ss2d is not None:
+            return ss2d.ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+                                  self.Ds, channel_first=self.channel_first, backend="fused")
         ys = _selective_scan_fn()(**self.scan_args(x), out_float=True)
         return cross_merge(ys.view(B, self.K, D, H, W), channel_first=self.channel_first, routes=self.routes)
 
