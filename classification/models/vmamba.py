@@ -22,7 +22,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 from .cross_scan import cross_merge, cross_scan
-from .layer_norm import layer_norm_lastdim
+from .layer_norm import TRITON_AVAILABLE, layer_norm_lastdim
 
 __all__ = ["Linear2d", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
            "NORM_LAYERS", "rename_legacy_keys"]
@@ -53,9 +53,10 @@ class Linear2d(nn.Linear):
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over C of a (B, C, H, W) map.
 
-    ``matmul_input=True`` marks a norm whose output goes straight into a linear layer: under CUDA
-    autocast it is then written in the autocast dtype by one kernel, the value the linear layer's own
-    cast would produce, instead of fp32 layer_norm + cast (see layer_norm.py).
+    On CUDA, with channels-last storage, one Triton kernel (layer_norm.py) reads the input in its own
+    dtype and writes the output dtype that autocast's layer_norm + the next op would leave: fp32, or, for
+    a norm marked ``matmul_input`` (its output goes straight into a linear layer, which would cast it),
+    the autocast dtype. Elsewhere F.layer_norm.
     """
 
     def __init__(self, normalized_shape, eps=1e-5, matmul_input=False, **kwargs):
@@ -64,8 +65,12 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x):
         x_last = x.permute(0, 2, 3, 1)
-        if self.matmul_input and x.is_cuda and torch.is_autocast_enabled("cuda") and x_last.is_contiguous():
-            y = layer_norm_lastdim(x_last, self.weight, self.bias, self.eps, torch.get_autocast_dtype("cuda"))
+        if TRITON_AVAILABLE and x.is_cuda and x_last.is_contiguous():
+            if torch.is_autocast_enabled("cuda"):
+                out_dtype = torch.get_autocast_dtype("cuda") if self.matmul_input else torch.float32
+            else:
+                out_dtype = x.dtype
+            y = layer_norm_lastdim(x_last, self.weight, self.bias, self.eps, out_dtype)
         else:
             y = F.layer_norm(x_last, self.normalized_shape, self.weight, self.bias, self.eps)
         return y.permute(0, 3, 1, 2)
@@ -591,10 +596,10 @@ class VSSM(nn.Module):
         self._init_weights(self.classifier.head)
 
     def forward_stem(self, x):
-        x = self.patch_embed(x)
         if self.channels_last_memory:
+            # before the stem, so its convolutions and norms already run on channels-last storage
             x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        return self.patch_embed(x)
 
     def forward_features(self, x):
         x = self.forward_stem(x)

@@ -1,0 +1,155 @@
+"""Fused SS2D core vs the unfused path at VMamba-T's four stage shapes (GPU).
+
+Shapes (issue #8): batch 128, d_model 96 * 2^i, ssm_ratio 2 (D = 192, 384, 768, 1536), dt rank ceil(d_model /
+16) = 6, 12, 24, 48, map 56 / 2^i, d_state 1, fp16 activations under autocast (the model's training
+setting). Both paths take x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return
+the merged fp32 map:
+  unfused: SS2D.ssm with the fused path off (Triton cross-scan, batched x_proj / dt_proj GEMMs, the CUDA
+           selective scan, Triton cross-merge);
+  fused:   selective_scan.ss2d.ss2d_core(backend="fused") (the x_dbl GEMM plus the fused kernels).
+fwd+bwd adds the backward of a fixed fp32 output gradient into x and the five SSM parameters. Times are
+medians of CUDA-event timings. Also timed: the x_dbl GEMM alone and the fused forward / backward ops alone
+(kernel plus its zero-fills and casts), so the rest of the fused time is PyTorch glue and the GEMM backward.
+
+Bytes per element for the bandwidth columns are what any SS2D core implementation must move per (batch,
+position, channel) element, with s the bytes of x's dtype: forward s + 4 (x read, fp32 y written),
+forward+backward 8 + 3s (plus dy read 4, x read s, dx written s). x_dbl (4 kV fp32 per position, < 1 B per
+element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured in the same run.
+
+    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--json out.json]
+"""
+
+import argparse
+import json
+import math
+import statistics
+
+import torch
+
+import selective_scan
+from selective_scan import ss2d
+from classification.models import vmamba
+from classification.models.vmamba import SS2D
+
+PARAMS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
+
+
+def time_gpu(fn, warmup=5, repeat=20):
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def copy_bandwidth_tb_s():
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = time_gpu(lambda: dst.copy_(src), warmup=3, repeat=20)
+    del src, dst
+    return 2 * (2 << 30) / (ms * 1e-3) / 1e12
+
+
+def stage_shape(stage):
+    d_model = 96 * 2 ** (stage - 1)
+    return d_model, 2 * d_model, math.ceil(d_model / 16), 56 // 2 ** (stage - 1)
+
+
+def bench_stage(stage, batch, dtype):
+    d_model, dim, rank, side = stage_shape(stage)
+    torch.manual_seed(stage)
+    module = SS2D(d_model=d_model, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", conv_bias=False,
+                  channel_first=True).cuda()
+    params = [getattr(module, name) for name in PARAMS]
+    x = torch.randn(batch, dim, side, side, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn(batch, dim, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
+    autocast = torch.autocast("cuda", dtype=dtype)
+
+    def unfused():
+        vmamba.FUSED_SS2D = False
+        try:
+            with autocast:
+                return module.ssm(x)
+        finally:
+            vmamba.FUSED_SS2D = True
+
+    def fused():
+        with autocast:
+            return ss2d.ss2d_core(x, *params, backend="fused")
+
+    def timed(fn):
+        with torch.no_grad():
+            fwd = time_gpu(fn)
+        fwd_bwd = time_gpu(lambda: torch.autograd.grad(fn(), [x, *params], dy))
+        return fwd, fwd_bwd
+
+    row = dict(stage=stage, batch=batch, dim=dim, length=side * side, rank=rank, dtype=str(dtype)[6:])
+    row["unfused_fwd_ms"], row["unfused_fwd_bwd_ms"] = timed(unfused)
+    reason = ss2d.fused_unsupported_reason(x, rank, 1)
+    if reason is not None:
+        row["fused"] = f"unsupported: {reason}"
+        return row
+    with torch.no_grad():
+        row["max_abs_diff_fwd"] = (fused() - unfused()).abs().max().item()  # equality in this run, at this size
+    row["fused_fwd_ms"], row["fused_fwd_bwd_ms"] = timed(fused)
+    # the pieces: x_dbl GEMM, forward op, backward op
+    with torch.no_grad():
+        x_last = x.detach().permute(0, 2, 3, 1)
+        row["gemm_ms"] = time_gpu(lambda: ss2d.project(x_last, module.x_proj_weight))
+        x_dbl = ss2d.project(x_last, module.x_proj_weight)
+        op_args = (x_last, x_dbl, module.dt_projs_weight.float(), module.dt_projs_bias.float(),
+                   -torch.exp(module.A_logs.float()).view(4, dim), module.Ds.float().view(4, dim))
+        row["op_fwd_ms"] = time_gpu(lambda: torch.ops.selective_scan.ss2d_fwd(*op_args))
+        ckpt = torch.ops.selective_scan.ss2d_fwd(*op_args)[1]
+        dy_last = dy.permute(0, 2, 3, 1)
+        row["op_bwd_ms"] = time_gpu(lambda: torch.ops.selective_scan.ss2d_bwd(dy_last, *op_args, ckpt))
+    s = x.element_size()
+    elements = batch * dim * side * side
+    row["fwd_bytes_per_element"], row["fwd_bwd_bytes_per_element"] = s + 4, 8 + 3 * s
+    row["fused_fwd_tb_s"] = elements * (s + 4) / (row["fused_fwd_ms"] * 1e-3) / 1e12
+    row["fused_fwd_bwd_tb_s"] = elements * (8 + 3 * s) / (row["fused_fwd_bwd_ms"] * 1e-3) / 1e12
+    return row
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args(argv)
+    result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
+                  copy_tb_s=copy_bandwidth_tb_s(), rows=[])
+    for stage in args.stages:
+        result["rows"].append(bench_stage(stage, args.batch, torch.float16))
+        torch.cuda.empty_cache()
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+    print(f"# {result['gpu']}; torch {result['torch']}; {result['build_info']}")
+    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state 1")
+    print("| stage | B | D | L | R | unfused fwd ms | fused fwd ms | ratio | unfused fwd+bwd ms | fused fwd+bwd ms "
+          "| ratio | GEMM / fwd op / bwd op ms | B/elem fwd, f+b | fused TB/s fwd, f+b | max abs diff fwd |")
+    print("| " + " | ".join(["---"] * 15) + " |")
+    for r in result["rows"]:
+        head = f"| {r['stage']} | {r['batch']} | {r['dim']} | {r['length']} | {r['rank']} | {r['unfused_fwd_ms']:.3f} "
+        if "fused" in r:
+            print(head + f"| - | - | {r['unfused_fwd_bwd_ms']:.3f} | - | - | {r['fused']} | - | - | - |")
+            continue
+        print(head + f"| {r['fused_fwd_ms']:.3f} | {r['fused_fwd_ms'] / r['unfused_fwd_ms']:.3f} "
+              f"| {r['unfused_fwd_bwd_ms']:.3f} | {r['fused_fwd_bwd_ms']:.3f} "
+              f"| {r['fused_fwd_bwd_ms'] / r['unfused_fwd_bwd_ms']:.3f} "
+              f"| {r['gemm_ms']:.3f} / {r['op_fwd_ms']:.3f} / {r['op_bwd_ms']:.3f} "
+              f"| {r['fwd_bytes_per_element']}, {r['fwd_bwd_bytes_per_element']} "
+              f"| {r['fused_fwd_tb_s']:.2f}, {r['fused_fwd_bwd_tb_s']:.2f} | {r['max_abs_diff_fwd']:.2e} |")
+
+
+if __name__ == "__main__":
+    main()

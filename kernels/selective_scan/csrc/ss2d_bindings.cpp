@@ -1,0 +1,147 @@
+// Registers the fused SS2D kernels (ss2d_fused_*.cu) as the CUDA dispatcher ops selective_scan_ss2d::fwd /
+// ::bwd: argument checks, allocation and launch. The public op (fake kernel, autograd rule, user-facing
+// validation, CPU path) is selective_scan/ss2d.py; these checks only keep a bad call from reaching a kernel.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <tuple>
+
+#include "ss2d_fused.cuh"
+
+namespace selective_scan {
+namespace ss2d {
+namespace {
+
+Dtype dtype_of(const at::Tensor& x) {
+  switch (x.scalar_type()) {
+    case at::kFloat: return Dtype::kFloat32;
+    case at::kHalf: return Dtype::kFloat16;
+    case at::kBFloat16: return Dtype::kBFloat16;
+    default: TORCH_CHECK(false, "ss2d: `x` must be float32, float16 or bfloat16, got ", x.scalar_type());
+  }
+  return Dtype::kFloat32;
+}
+
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), "ss2d: `", name, "` is on ", t.device(), ", `x` on ", x.device());
+  TORCH_CHECK(t.scalar_type() == dtype, "ss2d: `", name, "` must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, "ss2d: `", name, "` must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "ss2d: `", name, "` must be contiguous");
+}
+
+struct Problem {
+  Shape s;
+  int kv;
+};
+
+// x (B, H, W, D); x_dbl (B, H, W, K * kV) fp32; dt_weight (K, D, R); dt_bias, A, Ds (K, D) fp32.
+Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
+                     const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Ds) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "ss2d: `x` must be a contiguous (B, H, W, D) CUDA tensor");
+  dtype_of(x);
+  TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kRoutes, "ss2d: `dt_weight` must be (4, D, R)");
+  TORCH_CHECK(x_dbl.dim() == 4 && x_dbl.size(3) % kRoutes == 0, "ss2d: `x_dbl` must be (B, H, W, 4 * kV)");
+  Problem pr{};
+  Shape& s = pr.s;
+  s.batch = static_cast<int>(x.size(0));
+  s.height = static_cast<int>(x.size(1));
+  s.width = static_cast<int>(x.size(2));
+  s.dim = static_cast<int>(x.size(3));
+  s.length = s.height * s.width;
+  s.rank = static_cast<int>(dt_weight.size(2));
+  pr.kv = static_cast<int>(x_dbl.size(3) / kRoutes);
+  TORCH_CHECK(supported_kv(pr.kv) && s.rank + 2 <= pr.kv, "ss2d: x_dbl rows of ", pr.kv, " values for dt rank ",
+              s.rank, " are not supported (kV must be 8, 16 or 32 and hold R + 2 values)");
+  check(x_dbl, "x_dbl", at::kFloat, {x.size(0), x.size(1), x.size(2), kRoutes * pr.kv}, x);
+  check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
+  check(dt_bias, "dt_bias", at::kFloat, {kRoutes, x.size(3)}, x);
+  check(A, "A", at::kFloat, {kRoutes, x.size(3)}, x);
+  check(Ds, "Ds", at::kFloat, {kRoutes, x.size(3)}, x);
+  s.groups = (s.dim + kLanes - 1) / kLanes;
+  s.num_chunks = (s.length + chunk_for_kv(pr.kv) - 1) / chunk_for_kv(pr.kv);
+  // positions * D and per-position offsets are 32-bit in the kernels; blocks are one grid dimension
+  TORCH_CHECK(x.size(1) * x.size(2) * std::max<int64_t>(x.size(3), kRoutes * pr.kv) < (int64_t(1) << 31) &&
+                  x.size(0) * s.groups < (int64_t(1) << 31),
+              "ss2d: the map is too large for the kernel");
+  return pr;
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
+                                       const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Ds) {
+  const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A, Ds);
+  const Shape& s = pr.s;
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto y = at::zeros(x.sizes(), f32);
+  auto ckpt = at::empty({s.batch, kRoutes, s.num_chunks, s.dim}, f32);
+  if (x.numel() == 0) return {y, ckpt};
+  FwdParams p{};
+  p.s = s;
+  p.x = x.data_ptr();
+  p.xdbl = x_dbl.data_ptr<float>();
+  p.dt_weight = dt_weight.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.A = A.data_ptr<float>();
+  p.Ds = Ds.data_ptr<float>();
+  p.y = y.data_ptr<float>();
+  p.ckpt = ckpt.data_ptr<float>();
+  const cudaError_t status = launch_ss2d_fwd(p, dtype_of(x), pr.kv, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "ss2d: forward launch failed: ", cudaGetErrorString(status));
+  return {y, ckpt};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
+    const at::Tensor& dy, const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
+    const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Ds, const at::Tensor& ckpt) {
+  const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A, Ds);
+  const Shape& s = pr.s;
+  check(dy, "dy", at::kFloat, x.sizes(), x);
+  check(ckpt, "ckpt", at::kFloat, {s.batch, kRoutes, s.num_chunks, s.dim}, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto f32 = x.options().dtype(at::kFloat);
+  auto dx = at::zeros(x.sizes(), f32);
+  auto dxdbl = at::zeros(x_dbl.sizes(), f32);
+  auto ddt_weight = at::zeros({kRoutes, s.rank, s.dim}, f32);
+  auto ddt_bias = at::zeros_like(dt_bias);
+  auto dA = at::zeros_like(A);
+  auto dDs = at::zeros_like(Ds);
+  if (x.numel() > 0) {
+    BwdParams p{};
+    p.s = s;
+    p.dy = dy.data_ptr<float>();
+    p.x = x.data_ptr();
+    p.xdbl = x_dbl.data_ptr<float>();
+    p.dt_weight = dt_weight.data_ptr<float>();
+    p.dt_bias = dt_bias.data_ptr<float>();
+    p.A = A.data_ptr<float>();
+    p.Ds = Ds.data_ptr<float>();
+    p.ckpt = ckpt.data_ptr<float>();
+    p.dx = dx.data_ptr<float>();
+    p.dxdbl = dxdbl.data_ptr<float>();
+    p.ddt_weight = ddt_weight.data_ptr<float>();
+    p.ddt_bias = ddt_bias.data_ptr<float>();
+    p.dA = dA.data_ptr<float>();
+    p.dDs = dDs.data_ptr<float>();
+    const cudaError_t status = launch_ss2d_bwd(p, dtype_of(x), pr.kv, c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(status == cudaSuccess, "ss2d: backward launch failed: ", cudaGetErrorString(status));
+  }
+  return {dx.to(x.scalar_type()), dxdbl, ddt_weight.transpose(1, 2).contiguous(), ddt_bias, dA, dDs};
+}
+
+}  // namespace
+}  // namespace ss2d
+}  // namespace selective_scan
+
+TORCH_LIBRARY(selective_scan_ss2d, m) {
+  m.def("fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A, Tensor Ds) -> (Tensor, Tensor)");
+  m.def("bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A, Tensor Ds,"
+        " Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(selective_scan_ss2d, CUDA, m) {
+  m.impl("fwd", &selective_scan::ss2d::fwd);
+  m.impl("bwd", &selective_scan::ss2d::bwd);
+}

@@ -1,0 +1,284 @@
+// Fused SS2D core for VMamba's v2 blocks (cross2d routes, d_state N = 1): the four routes' selective scans
+// read the channels-last activation x (B, H, W, D) in place through their index maps, compute
+// dt = softplus(W_dt x_dbl + bias) per step, and add their outputs into one fp32 (B, H, W, D) map. Nothing of
+// size (B, 4, D, L) is materialised. The x_proj GEMM (x_dbl = x W_proj^T for all routes at once, on the
+// natural position order) and its backward stay in PyTorch: a route permutation commutes with a
+// position-wise linear map.
+//
+// Work split: one warp owns one sequence (batch b, 32 consecutive channels, route k) and walks it from start
+// to end; lane = channel, so every load of x / dy and every atomic add into y / dx is one coalesced row
+// piece, and the per-position x_dbl values are warp-uniform. The warp moves a chunk of kChunk steps at a
+// time: first all of the chunk's loads (x per lane, the x_dbl rows into shared memory), then its
+// arithmetic, in which only h is sequential; so it waits for memory once per chunk, not once per step.
+// The four routes of a (batch, channel group) are the four warps of one block.
+//
+// The forward saves the state entering every chunk; the backward walks the chunks from the last, recomputes
+// each from its checkpoint (values held in registers) and walks it in reverse.
+// No on-chip buffer scales with the map, so any H x W works (detection-size maps included).
+//
+// Measured limit (H100, VMamba-T stage 1, benchmarks/bench_ss2d.py): every sequence of the batch is in flight
+// at once, so the four adds a position gets (one per route) arrive far apart in time and each is a DRAM
+// read-modify-write: the forward runs at ~57 % of DRAM bandwidth on those, the backward at ~40 % plus
+// half its issue slots on arithmetic.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace selective_scan {
+namespace ss2d {
+
+constexpr int kRoutes = 4;
+constexpr int kLanes = 32;
+constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, channel group)
+constexpr unsigned kFullMask = 0xffffffffu;
+constexpr float kSoftplusThreshold = 20.f;
+constexpr float kLog2e = 1.4426950408889634f;
+
+// x_dbl row of one route at one position: [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
+// two (8, 16, 32) so the row is whole 16-byte words and the cross-lane reduction of its gradient is a plain
+// halving tree. ss2d.py builds the projection weight in this order.
+constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32; }
+// Steps between saved states (and per load batch); the backward holds 5 values per step of a chunk in
+// registers, so wide x_dbl rows (more registers for W_dt and its gradient) get shorter chunks. ss2d.py
+// chunk_for_kv mirrors this rule.
+constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : 8; }
+
+enum class Dtype { kFloat32, kFloat16, kBFloat16 };
+
+struct Shape {
+  int batch, height, width, length, dim;  // length L = H * W, dim = D channels
+  int rank;                               // R, dt rank (<= kV - 2)
+  int groups;                             // ceil(D / 32) channel groups
+  int num_chunks;                         // ceil(L / chunk)
+};
+
+struct FwdParams {
+  Shape s;
+  const void* x;           // (B, L, D), input dtype
+  const float* xdbl;       // (B, L, K, kV)
+  const float* dt_weight;  // (K, D, R)
+  const float* dt_bias;    // (K, D)
+  const float* A;          // (K, D), A = -exp(A_log)
+  const float* Ds;         // (K, D)
+  float* y;                // (B, L, D), zero-initialised, accumulated with atomics
+  float* ckpt;             // (B, K, num_chunks, D): state entering each chunk
+};
+
+struct BwdParams {
+  Shape s;
+  const float* dy;         // (B, L, D)
+  const void* x;
+  const float* xdbl;
+  const float* dt_weight;
+  const float* dt_bias;
+  const float* A;
+  const float* Ds;
+  const float* ckpt;
+  float* dx;               // (B, L, D) fp32, zero-initialised
+  float* dxdbl;            // (B, L, K, kV), zero-initialised
+  float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
+  float* ddt_bias;         // (K, D), zero-initialised
+  float* dA;               // (K, D), zero-initialised
+  float* dDs;              // (K, D), zero-initialised
+};
+
+cudaError_t launch_ss2d_fwd(const FwdParams& p, Dtype dtype, int kv, cudaStream_t stream);
+cudaError_t launch_ss2d_bwd(const BwdParams& p, Dtype dtype, int kv, cudaStream_t stream);
+
+// One warp per (batch, channel group, route), one block per (batch, channel group).
+inline unsigned num_blocks(const Shape& s) { return static_cast<unsigned>(static_cast<long>(s.batch) * s.groups); }
+
+#ifdef __CUDACC__
+
+template <typename T> __device__ __forceinline__ float load_float(const T* p);
+template <> __device__ __forceinline__ float load_float<float>(const float* p) { return __ldg(p); }
+template <> __device__ __forceinline__ float load_float<__half>(const __half* p) { return __half2float(__ldg(p)); }
+template <> __device__ __forceinline__ float load_float<__nv_bfloat16>(const __nv_bfloat16* p) {
+  return __bfloat162float(__ldg(p));
+}
+
+// The warp's sequence and the thread's place in it.
+struct Task {
+  int b, k, group, lane, d;
+  bool active;    // d < D
+  int d_ld;       // d, clamped into range: inactive lanes load (and add zeros) there
+  float on;       // 1 for active lanes, 0 for inactive ones (multiplies what they add)
+
+  __device__ __forceinline__ Task(const Shape& s) {
+    lane = threadIdx.x % kLanes;
+    k = threadIdx.x / kLanes;
+    group = blockIdx.x % s.groups;
+    b = blockIdx.x / s.groups;
+    d = group * kLanes + lane;
+    active = d < s.dim;
+    d_ld = active ? d : s.dim - 1;
+    on = active ? 1.f : 0.f;
+  }
+  // (b, k, index, d) offset into a (B, K, count, D) array
+  __device__ __forceinline__ long bkd(const Shape& s, int index, int count) const {
+    return ((static_cast<long>(b) * kRoutes + k) * count + index) * s.dim + d;
+  }
+};
+
+// Raster position (h * W + w) of step t of route k: column-major if k is odd, reversed if k >= 2 (cross2d).
+__device__ __forceinline__ int route_position(const Shape& s, int k, int t) {
+  const int u = k >= 2 ? s.length - 1 - t : t;  // index in row-major or column-major order
+  if (k & 1) {
+    const int col = u / s.height;
+    return (u - col * s.height) * s.width + col;
+  }
+  return u;
+}
+
+// Position of a route's step, moved one step at a time. A route is a sequence of runs (one row-major run of
+// L, or columns of H); inside a run the position moves by `stride`, after it by `wrap`.
+struct Cursor {
+  int pos, run, run_len, stride, wrap;
+
+  __device__ __forceinline__ Cursor(const Shape& s, int k, int t) {
+    const bool transposed = k & 1, reversed = k >= 2;
+    pos = route_position(s, k, t);
+    run = transposed ? t % s.height : t;
+    run_len = transposed ? s.height : s.length;  // a row-major route never completes its run
+    stride = (transposed ? s.width : 1) * (reversed ? -1 : 1);
+    wrap = transposed ? (reversed ? s.length - 1 : 1 - s.length) : 0;
+  }
+  __device__ __forceinline__ void advance() {
+    pos += stride;
+    if (++run == run_len) {
+      run = 0;
+      pos += wrap;
+    }
+  }
+  __device__ __forceinline__ void retreat() {
+    if (run == 0) {
+      run = run_len;
+      pos -= wrap;
+    }
+    --run;
+    pos -= stride;
+  }
+};
+
+// Per-(route, channel) constants; zeros for inactive lanes.
+template <int kR>
+struct RouteParams {
+  float w[kR];  // W_dt[k, d, :], zero-padded past R
+  float bias, A, A2, Dk;  // A2 = A * log2(e), the decay is exp2(dt * A2)
+
+  __device__ __forceinline__ RouteParams(const Shape& s, const float* dt_weight, const float* dt_bias,
+                                         const float* A_, const float* Ds, const Task& task) {
+    const long kd = static_cast<long>(task.k) * s.dim + task.d_ld;
+#pragma unroll
+    for (int j = 0; j < kR; ++j) w[j] = task.active && j < s.rank ? dt_weight[kd * s.rank + j] : 0.f;
+    bias = task.active ? dt_bias[kd] : 0.f;
+    A = task.active ? A_[kd] : 0.f;
+    A2 = A * kLog2e;
+    Dk = task.active ? Ds[kd] : 0.f;
+  }
+};
+
+// dt pre-activation z = bias + W_dt . x_dbl[2:]
+template <int kV>
+__device__ __forceinline__ float dt_preact(const RouteParams<kV - 2>& rp, const float (&v)[kV]) {
+  float z = rp.bias;
+#pragma unroll
+  for (int j = 0; j < kV - 2; ++j) z = fmaf(rp.w[j], v[2 + j], z);
+  return z;
+}
+
+// log1p(e) for e = exp(z) >= 0: a degree-7 series below 1/8 (truncation < 6e-8 relative), the MUFU log2 of
+// 1 + e above (log2(1 + e) >= 0.17 there, so its 2^-22 absolute error is < 2e-6 relative). About 12
+// instructions instead of about 25 for log1pf.
+__device__ __forceinline__ float log1p_of_exp(float e) {
+  const float series =
+      e * fmaf(e, fmaf(e, fmaf(e, fmaf(e, fmaf(e, fmaf(e, 1.f / 7, -1.f / 6), 1.f / 5), -1.f / 4), 1.f / 3), -0.5f), 1.f);
+  return e < 0.125f ? series : __log2f(1.f + e) * 0.6931471805599453f;
+}
+
+// dt = softplus(z) with PyTorch's threshold (z above 20), without branches. exp(z) by the MUFU: relative
+// error about 6e-8 |z| + 2e-7, so dt is within ~1e-6 relative of log1p(exp(z)) (the tolerance on y is 6e-4).
+__device__ __forceinline__ float softplus(float z) {
+  const float sp = log1p_of_exp(__expf(fminf(z, kSoftplusThreshold)));
+  return z > kSoftplusThreshold ? z : sp;
+}
+// ... and slope = d dt / d z = e / (1 + e) (1 above the threshold).
+__device__ __forceinline__ float softplus(float z, float& slope) {
+  const float e = __expf(fminf(z, kSoftplusThreshold));
+  const bool linear = z > kSoftplusThreshold;
+  slope = linear ? 1.f : __fdividef(e, 1.f + e);
+  const float sp = log1p_of_exp(e);
+  return linear ? z : sp;
+}
+
+// Per-warp shared-memory copy of a chunk's x_dbl rows: the rows are warp-uniform, so they are fetched once
+// per chunk with one 16-byte load per lane (all of the chunk's loads in flight together) and read back as
+// shared-memory broadcasts, instead of one dependent global load per step.
+template <int kV, int kChunk = chunk_for_kv(kV)>
+struct RowStage {
+  static constexpr int kWords = kChunk * kV / 4;  // 32 or 64
+  float4 words[kWords];
+
+  // Rows of steps t0 .. t0 + n - 1 of route k.
+  __device__ __forceinline__ void load(const Shape& s, const Task& task, const float* xdbl, int t0, int n) {
+    constexpr int kPerRow = kV / 4;
+    __syncwarp();  // every lane is done with the previous chunk's rows
+#pragma unroll
+    for (int q0 = 0; q0 < kWords; q0 += kLanes) {
+      const int q = q0 + task.lane, i = q / kPerRow;
+      if (q < kWords && i < n) {
+        const int pos = route_position(s, task.k, t0 + i);
+        const float4* row = reinterpret_cast<const float4*>(
+            xdbl + ((static_cast<long>(task.b) * s.length + pos) * kRoutes + task.k) * kV);
+        words[q] = __ldg(row + q % kPerRow);
+      }
+    }
+    __syncwarp();
+  }
+  __device__ __forceinline__ void read(int i, float (&v)[kV]) const {
+#pragma unroll
+    for (int q = 0; q < kV / 4; ++q) {
+      const float4 f = words[i * (kV / 4) + q];
+      v[4 * q] = f.x;
+      v[4 * q + 1] = f.y;
+      v[4 * q + 2] = f.z;
+      v[4 * q + 3] = f.w;
+    }
+  }
+};
+
+// Sums v[0..kV) over the 32 lanes and leaves value index (lane >> (5 - log2 kV)) in each lane: a halving
+// tree (each round a lane keeps half of its kN values and trades the other half with its partner, lane ^
+// kBit) followed by plain butterflies. kV - 1 + (5 - log2 kV) shuffles instead of 5 kV. Recursive so that
+// every index is a compile-time constant (the arrays stay in registers).
+template <int kV, int kN = kV>
+__device__ __forceinline__ float warp_reduce_scatter(float (&v)[kV], int lane) {
+  if constexpr (kN > 1) {
+    constexpr int kHalf = kN / 2, kBit = kLanes / 2 * kN / kV;
+    const bool upper = lane & kBit;
+#pragma unroll
+    for (int i = 0; i < kHalf; ++i) {
+      const float send = upper ? v[i] : v[i + kHalf];
+      const float keep = upper ? v[i + kHalf] : v[i];
+      v[i] = keep + __shfl_xor_sync(kFullMask, send, kBit);
+    }
+    return warp_reduce_scatter<kV, kHalf>(v, lane);
+  } else {
+    float r = v[0];
+#pragma unroll
+    for (int bit = kLanes / 2 / kV; bit >= 1; bit /= 2) r += __shfl_xor_sync(kFullMask, r, bit);
+    return r;
+  }
+}
+
+template <int kV>
+constexpr int log2_kv() { return kV == 8 ? 3 : kV == 16 ? 4 : 5; }
+
+#endif  // __CUDACC__
+
+}  // namespace ss2d
+}  // namespace selective_scan

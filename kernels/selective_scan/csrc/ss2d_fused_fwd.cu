@@ -1,0 +1,93 @@
+// Fused SS2D forward (see ss2d_fused.cuh): each warp walks its route chunk by chunk, saves the state entering
+// every chunk for the backward, and adds C h + D x into y at every position.
+#include "ss2d_fused.cuh"
+
+namespace selective_scan {
+namespace ss2d {
+
+// Steps t0 .. t0 + n - 1; the cursor is at step t0 and ends at t0 + n. kFull: n == kChunk (no bound checks).
+template <typename T, int kV, bool kFull>
+__device__ __forceinline__ void forward_chunk(const FwdParams& p, const Task& task, const RouteParams<kV - 2>& rp,
+                                              RowStage<kV>& stage, const T* x, float* y, Cursor& cur, int t0,
+                                              int n, float& h) {
+  constexpr int kChunk = chunk_for_kv(kV);
+  const Shape& s = p.s;
+  stage.load(s, task, p.xdbl, t0, n);
+  float xv[kChunk];
+  int off[kChunk];
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    if (kFull || i < n) {
+      off[i] = cur.pos * s.dim;
+      xv[i] = load_float(x + off[i]);
+      cur.advance();
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kChunk; ++i) {
+    if (kFull || i < n) {
+      float v[kV];
+      stage.read(i, v);
+      const float dt = softplus(dt_preact<kV>(rp, v));
+      h = fmaf(exp2f(dt * rp.A2), h, dt * v[0] * xv[i]);
+      atomicAdd(y + off[i], task.on * fmaf(v[1], h, rp.Dk * xv[i]));
+    }
+  }
+}
+
+// Capped at 128 registers (4 blocks, 16 warps per SM; unbounded it takes ~130).
+template <typename T, int kV>
+__global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 4) ss2d_fwd_kernel(const FwdParams p) {
+  constexpr int kChunk = chunk_for_kv(kV);
+  __shared__ RowStage<kV> stages[kWarpsPerBlock];
+  const Shape& s = p.s;
+  const Task task(s);
+  RowStage<kV>& stage = stages[task.k];
+  const RouteParams<kV - 2> rp(s, p.dt_weight, p.dt_bias, p.A, p.Ds, task);
+  const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
+  const T* x = static_cast<const T*>(p.x) + base;
+  float* y = p.y + base;
+  float h = 0.f;
+  Cursor cur(s, task.k, 0);
+  for (int t0 = 0; t0 < s.length; t0 += kChunk) {
+    if (task.active) p.ckpt[task.bkd(s, t0 / kChunk, s.num_chunks)] = h;
+    const int n = min(kChunk, s.length - t0);
+    if (n == kChunk) {
+      forward_chunk<T, kV, true>(p, task, rp, stage, x, y, cur, t0, n, h);
+    } else {
+      forward_chunk<T, kV, false>(p, task, rp, stage, x, y, cur, t0, n, h);
+    }
+  }
+}
+
+namespace {
+
+template <typename T, int kV>
+cudaError_t launch_fwd_typed(const FwdParams& p, cudaStream_t stream) {
+  ss2d_fwd_kernel<T, kV><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_fwd_kv(const FwdParams& p, int kv, cudaStream_t stream) {
+  switch (kv) {
+    case 8: return launch_fwd_typed<T, 8>(p, stream);
+    case 16: return launch_fwd_typed<T, 16>(p, stream);
+    case 32: return launch_fwd_typed<T, 32>(p, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace
+
+cudaError_t launch_ss2d_fwd(const FwdParams& p, Dtype dtype, int kv, cudaStream_t stream) {
+  switch (dtype) {
+    case Dtype::kFloat32: return launch_fwd_kv<float>(p, kv, stream);
+    case Dtype::kFloat16: return launch_fwd_kv<__half>(p, kv, stream);
+    case Dtype::kBFloat16: return launch_fwd_kv<__nv_bfloat16>(p, kv, stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+}  // namespace ss2d
+}  // namespace selective_scan

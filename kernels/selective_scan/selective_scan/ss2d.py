@@ -1,0 +1,300 @@
+"""SS2D core of VMamba's v2 blocks: cross-scan -> per-route x_proj / dt_proj -> selective scan -> cross-merge.
+
+Two implementations of one function, side by side:
+
+* `ss2d_core_reference`: the unfused path, written with the existing pieces exactly as SS2D computes it
+  (materialised (B, 4, D, L) route copies, batched projections, `selective_scan_fn`, merge). It supports any
+  d_state and is what the fused path is tested against.
+* the fused path (`backend="fused"`): one GEMM x_dbl = x W_proj^T on the channels-last rows for all four
+  routes at once (a route permutation commutes with a position-wise linear map), then the registered op
+  `selective_scan::ss2d_fwd` (CUDA kernels in csrc/ss2d_fused_*.cu; a PyTorch implementation of the same
+  contract on other devices) that walks every route through its index map, computes dt = softplus(W_dt
+  x_dbl + bias) per step and adds the four outputs into one fp32 map. Its backward is
+  `selective_scan::ss2d_bwd`. Both ops have fake kernels, so torch.compile traces through them.
+
+Dispatch rule of `ss2d_core(backend=None)`: the fused path for CUDA tensors when the extension is built,
+the routes are cross2d with K = 4, d_state N = 1, the dt rank R satisfies R + 2 <= 32 and x is
+fp32/fp16/bf16; the reference otherwise (e.g. VMamba-T/S stage 4 with R = 48, d_state 16 of v0, CPU).
+`fused_unsupported_reason` says why a call is not fused. Nothing falls back silently at run time: a call
+the fused op cannot take is rejected before it starts.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from . import ops, torch_scan
+from .ops import selective_scan_fn
+
+__all__ = ["ss2d_core", "ss2d_core_reference", "fused_available", "fused_unsupported_reason", "route_positions",
+           "project"]
+
+K = 4
+SUPPORTED_KV = (8, 16, 32)  # x_dbl row widths the CUDA kernels are compiled for (csrc/ss2d_fused.cuh)
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _cuda_ops_loaded() -> bool:
+    """The extension registers selective_scan_ss2d::fwd / ::bwd when it is imported (by ops.py)."""
+    try:
+        return ops.extension_built() and hasattr(torch.ops.selective_scan_ss2d, "fwd")
+    except RuntimeError:
+        return False
+
+
+_CUDA_OPS = _cuda_ops_loaded()  # fixed at import; a constant keeps the dispatch rule traceable by dynamo
+
+
+def fused_available() -> bool:
+    """True when the fused CUDA kernels are built and a GPU is visible."""
+    return _CUDA_OPS and torch.cuda.is_available()
+
+
+def chunk_for_kv(kv: int) -> int:
+    """Steps between the states the CUDA forward saves for its backward (chunk_for_kv in ss2d_fused.cuh)."""
+    return 16 if kv <= 8 else 8
+
+
+def _x_dbl_width(rank: int) -> Optional[int]:
+    """Padded x_dbl row width per route for dt rank `rank` (N = 1), None if too wide."""
+    for kv in SUPPORTED_KV:
+        if kv >= rank + 2:
+            return kv
+    return None
+
+
+def project(x_last: Tensor, x_proj_weight: Tensor) -> Tensor:
+    """x_dbl of the fused ops: x_last (B, H, W, D) -> (B, H, W, 4 * kV) fp32, route k's row [B, C, dt-rank
+    values, zeros], one GEMM in x's dtype (N = 1)."""
+    dim = x_last.shape[-1]
+    rank = x_proj_weight.shape[1] - 2
+    kv = _x_dbl_width(rank)
+    w = torch.cat([x_proj_weight[:, rank:], x_proj_weight[:, :rank]], 1)
+    w = F.pad(w, (0, 0, 0, kv - rank - 2)).reshape(K * kv, dim)
+    return F.linear(x_last, w.to(x_last.dtype)).float()
+
+
+def route_positions(height: int, width: int, device=None) -> Tensor:
+    """(4, L) int64: the raster position (h * W + w) each cross2d route visits at each step: row-major,
+    column-major, row-major reversed, column-major reversed (SPEC section 2)."""
+    raster = torch.arange(height * width, device=device).view(height, width)
+    row_major, col_major = raster.flatten(), raster.t().flatten()
+    return torch.stack([row_major, col_major, row_major.flip(0), col_major.flip(0)])
+
+
+def _merge_routes(ys: Tensor, positions: Tensor) -> Tensor:
+    """ys (B, 4, D, L) in route order -> (B, L, D), the four routes put back at their positions and summed."""
+    batch, _, dim, length = ys.shape
+    out = ys.new_zeros(batch, length, dim)
+    for k in range(K):
+        out.index_add_(1, positions[k], ys[:, k].transpose(1, 2))
+    return out
+
+
+def _as_output(y_last: Tensor, channel_first: bool) -> Tensor:
+    """(B, H, W, D) fp32 storage -> the caller's layout (a view)."""
+    return y_last.permute(0, 3, 1, 2) if channel_first else y_last
+
+
+# ------------------------------------------------------------------------------------- unfused reference
+
+
+def ss2d_core_reference(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+                        A_logs: Tensor, Ds: Tensor, channel_first: bool = True,
+                        scan_backend: Optional[str] = None) -> Tensor:
+    """The unfused SS2D core (any d_state). x (B, D, H, W) after the depthwise conv and activation; returns the
+    merged scan output in fp32, (B, D, H, W) viewing channels-last storage if channel_first else
+    (B, H, W, D). The projections run in x's dtype (as under autocast); the scan gets fp32 A, D and bias."""
+    batch, dim, height, width = x.shape
+    length = height * width
+    rank = dt_projs_weight.shape[2]
+    d_state = A_logs.shape[1]
+    positions = route_positions(height, width, x.device)
+    xs = x.flatten(2)[:, :, positions].transpose(1, 2).contiguous()  # (B, 4, D, L)
+    x_dbl = torch.matmul(x_proj_weight.to(xs.dtype).expand(batch, -1, -1, -1), xs)  # (B, 4, R+2N, L)
+    dts, Bs, Cs = torch.split(x_dbl, [rank, d_state, d_state], dim=2)
+    dts = torch.matmul(dt_projs_weight.to(xs.dtype).expand(batch, -1, -1, -1), dts)  # (B, 4, D, L)
+    ys = selective_scan_fn(xs.view(batch, K * dim, length), dts.reshape(batch, K * dim, length),
+                           -torch.exp(A_logs.float()), Bs, Cs, Ds.float(), dt_projs_bias.reshape(-1).float(),
+                           delta_softplus=True, out_float=True, backend=scan_backend)
+    y = _merge_routes(ys.view(batch, K, dim, length), positions)
+    return _as_output(y.view(batch, height, width, dim), channel_first)
+
+
+# --------------------------------------------------------------------------------------- the fused ops
+
+
+def _route_inputs(x: Tensor, x_dbl: Tensor, dt_weight: Tensor):
+    """The fused ops' inputs laid out as the unfused scan's, in fp32 (fp64 stays fp64): u, delta (B, 4D, L),
+    B, C (B, 4, 1, L) in route order, the dt-rank rows (B, L, 4, R) and the route positions."""
+    batch, height, width, dim = x.shape
+    length = height * width
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    rank = dt_weight.shape[2]
+    positions = route_positions(height, width, x.device)
+    rows = x_dbl.to(dtype).reshape(batch, length, K, -1)
+    rank_rows = rows[..., 2:2 + rank]
+    delta = torch.einsum("blkr,kdr->bkdl", rank_rows, dt_weight.to(dtype))  # natural order
+    u = x.reshape(batch, length, dim).transpose(1, 2).to(dtype)  # exact for 16-bit x; keeps delta unrounded
+    us = torch.stack([u[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
+    deltas = torch.stack([delta[:, k][:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
+    Bs = torch.stack([rows[:, positions[k], k, 0] for k in range(K)], 1).unsqueeze(2)
+    Cs = torch.stack([rows[:, positions[k], k, 1] for k in range(K)], 1).unsqueeze(2)
+    return us, deltas, Bs, Cs, rank_rows, positions
+
+
+def _fused_core_torch(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor) -> Tensor:
+    """The fused ops' contract in PyTorch (their forward off CUDA, and a differentiable test oracle): x
+    (B, H, W, D), x_dbl (B, H, W, 4 * kV) with route k's row [B, C, dt-rank values, zero padding]; returns
+    y (B, H, W, D) in fp32 (fp64 for fp64 inputs)."""
+    batch, height, width, dim = x.shape
+    us, deltas, Bs, Cs, _, positions = _route_inputs(x, x_dbl, dt_weight)
+    ys = selective_scan_fn(us, deltas, A.reshape(K * dim, 1).to(us.dtype), Bs, Cs, Ds.reshape(-1).to(us.dtype),
+                           dt_bias.reshape(-1).to(us.dtype), delta_softplus=True, out_float=True, backend="torch")
+    return _merge_routes(ys.view(batch, K, dim, -1), positions).view(batch, height, width, dim)
+
+
+def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A, Ds):
+    """Gradients of _fused_core_torch (the backward op off CUDA, where an op body cannot re-enter autograd)."""
+    batch, height, width, dim = x.shape
+    length = height * width
+    us, deltas, Bs, Cs, rank_rows, positions = _route_inputs(x, x_dbl, dt_weight)
+    dtype = us.dtype
+    dy_t = dy.to(dtype).reshape(batch, length, dim).transpose(1, 2)
+    dys = torch.stack([dy_t[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
+    du, ddelta, dA, dB, dC, dD, dbias = torch_scan.scan_backward(
+        dys, us, deltas, A.reshape(K * dim, 1).to(dtype), Bs, Cs, Ds.reshape(-1).to(dtype),
+        dt_bias.reshape(-1).to(dtype), True)
+    dx = _merge_routes(du.view(batch, K, dim, length), positions)
+    ddelta = ddelta.view(batch, K, dim, length)
+    ddelta_natural = torch.empty_like(ddelta)
+    d_rows = x_dbl.new_zeros((batch, length, K, x_dbl.shape[-1] // K), dtype=dtype)
+    for k in range(K):
+        ddelta_natural[:, k, :, positions[k]] = ddelta[:, k]
+        d_rows[:, positions[k], k, 0] = dB[:, k, 0]
+        d_rows[:, positions[k], k, 1] = dC[:, k, 0]
+    d_rows[..., 2:2 + rank_rows.shape[-1]] = torch.einsum("bkdl,kdr->blkr", ddelta_natural, dt_weight.to(dtype))
+    ddt_weight = torch.einsum("bkdl,blkr->kdr", ddelta_natural, rank_rows)
+    return (dx.to(x.dtype).view(x.shape), d_rows.view(x_dbl.shape).to(x_dbl.dtype), ddt_weight.to(dt_weight.dtype),
+            dbias.view(K, dim).to(dt_bias.dtype), dA.view(K, dim).to(A.dtype), dD.view(K, dim).to(Ds.dtype))
+
+
+@torch.library.custom_op("selective_scan::ss2d_fwd", mutates_args=())
+def ss2d_fwd(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns (y, checkpoints): y (B, H, W, D) fp32; checkpoints are the CUDA kernel's saved states for the
+    backward (empty off CUDA)."""
+    if x.is_cuda:
+        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A, Ds)
+        return y, ckpt
+    return _fused_core_torch(x, x_dbl, dt_weight, dt_bias, A, Ds), x.new_empty(0, dtype=torch.float32)
+
+
+@ss2d_fwd.register_fake
+def _ss2d_fwd_fake(x, x_dbl, dt_weight, dt_bias, A, Ds):
+    batch, height, width, dim = x.shape
+    y = x.new_empty(x.shape, dtype=torch.float32)
+    if x.device.type != "cuda":
+        return y, x.new_empty(0, dtype=torch.float32)
+    chunk = chunk_for_kv(x_dbl.shape[-1] // K)
+    return y, x.new_empty((batch, K, -(-height * width // chunk), dim), dtype=torch.float32)
+
+
+@torch.library.custom_op("selective_scan::ss2d_bwd", mutates_args=())
+def ss2d_bwd(dy: Tensor, x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor,
+             ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Returns (dx (x's dtype), dx_dbl, d dt_weight, d dt_bias, dA, dDs), the last five fp32."""
+    if x.is_cuda:
+        return tuple(torch.ops.selective_scan_ss2d.bwd(dy, x, x_dbl, dt_weight, dt_bias, A, Ds, ckpt))
+    return _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A, Ds)
+
+
+@ss2d_bwd.register_fake
+def _ss2d_bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A, Ds, ckpt):
+    return (torch.empty_like(x), torch.empty_like(x_dbl), torch.empty_like(dt_weight), torch.empty_like(dt_bias),
+            torch.empty_like(A), torch.empty_like(Ds))
+
+
+def _setup_context(ctx, inputs, output):
+    _, ckpt = output
+    ctx.mark_non_differentiable(ckpt)
+    ctx.save_for_backward(*inputs, ckpt)
+
+
+def _backward(ctx, dy, _dckpt):
+    return ss2d_bwd(dy.float().contiguous(), *ctx.saved_tensors)
+
+
+ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------- user-facing entry
+
+
+def _check_shapes(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
+    """Raises a clear error naming the bad argument; returns (rank, d_state)."""
+    for name, t in (("x", x), ("x_proj_weight", x_proj_weight), ("dt_projs_weight", dt_projs_weight),
+                    ("dt_projs_bias", dt_projs_bias), ("A_logs", A_logs), ("Ds", Ds)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"ss2d_core: `{name}` must be a torch.Tensor, got {type(t).__name__}")
+        if t.device != x.device:
+            raise ValueError(f"ss2d_core: `{name}` is on {t.device} but `x` is on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"ss2d_core: `x` must be (B, D, H, W), got shape {tuple(x.shape)}")
+    dim = x.shape[1]
+    if dt_projs_weight.dim() != 3 or dt_projs_weight.shape[:2] != (K, dim):
+        raise ValueError(f"ss2d_core: `dt_projs_weight` must be (4, D={dim}, R), got {tuple(dt_projs_weight.shape)}")
+    rank = dt_projs_weight.shape[2]
+    if A_logs.dim() != 2 or A_logs.shape[0] != K * dim or A_logs.shape[1] < 1:
+        raise ValueError(f"ss2d_core: `A_logs` must be (4*D={K * dim}, N), got {tuple(A_logs.shape)}")
+    d_state = A_logs.shape[1]
+    if x_proj_weight.shape != (K, rank + 2 * d_state, dim):
+        raise ValueError(f"ss2d_core: `x_proj_weight` must be (4, R+2N={rank + 2 * d_state}, D={dim}), got "
+                         f"{tuple(x_proj_weight.shape)}")
+    if dt_projs_bias.shape != (K, dim):
+        raise ValueError(f"ss2d_core: `dt_projs_bias` must be (4, D={dim}), got {tuple(dt_projs_bias.shape)}")
+    if Ds.shape != (K * dim,):
+        raise ValueError(f"ss2d_core: `Ds` must be (4*D={K * dim},), got {tuple(Ds.shape)}")
+    return rank, d_state
+
+
+def fused_unsupported_reason(x: Tensor, rank: int, d_state: int) -> Optional[str]:
+    """None when the fused path takes this call, else why not (the dispatch rule of the module docstring)."""
+    if d_state != 1:
+        return f"d_state is {d_state}; the fused kernel supports d_state 1"
+    if _x_dbl_width(rank) is None:
+        return f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused kernel holds at most {SUPPORTED_KV[-1]}"
+    if x.dtype not in _DTYPES:
+        return f"dtype {x.dtype} is not one of {_DTYPES}"
+    if x.is_cuda and not _CUDA_OPS:
+        return f"the fused CUDA kernels are not built ({ops.build_info()})"
+    return None
+
+
+def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
+              Ds: Tensor, channel_first: bool = True, backend: Optional[str] = None) -> Tensor:
+    """SS2D core with cross2d routes: x (B, D, H, W) after the depthwise conv and activation (channels-last
+    storage avoids a copy); parameters as SS2D stores them (x_proj_weight (4, R+2N, D), dt_projs_weight
+    (4, D, R), dt_projs_bias (4, D), A_logs (4D, N), Ds (4D,)). Returns the merged scan output in fp32:
+    (B, D, H, W) viewing channels-last storage if channel_first, else (B, H, W, D).
+
+    backend: None (the dispatch rule in the module docstring), "fused" (raises if unsupported; off CUDA it runs
+    the ops' PyTorch implementation), or "reference"."""
+    rank, d_state = _check_shapes(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
+    if backend not in (None, "fused", "reference"):
+        raise ValueError(f"ss2d_core: `backend` must be None, 'fused' or 'reference', got {backend!r}")
+    reason = fused_unsupported_reason(x, rank, d_state)
+    if backend == "fused" and reason is not None:
+        raise RuntimeError(f"ss2d_core: backend='fused' requested but {reason}")
+    if backend == "reference" or (backend is None and (reason is not None or not x.is_cuda)):
+        return ss2d_core_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
+
+    dim = x.shape[1]
+    x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels-last storage
+    y, _ = torch.ops.selective_scan.ss2d_fwd(
+        x_last, project(x_last, x_proj_weight), dt_projs_weight.float().contiguous(), dt_projs_bias.float().contiguous(),
+        -torch.exp(A_logs.float()).view(K, dim), Ds.float().view(K, dim))
+    return _as_output(y, channel_first)

@@ -1,0 +1,302 @@
+"""The fused SS2D core (selective_scan.ss2d) against the unfused path.
+
+CPU: the reference equals SS2D's own unfused ssm; the fused interface (weight reordering, the x_dbl GEMM,
+the ops' autograd rule, run by the ops' PyTorch implementation) equals the reference in forward and every
+gradient; validation, dispatch, opcheck and torch.compile of the registered ops.
+CUDA (device only): the kernels against a float64 oracle of the ops' contract from the same rounded inputs
+(so the tolerance measures the kernels alone; SPEC section 1 tolerances), for odd sizes, all dtypes and a
+detection-size map; the fused SS2D module against the unfused one under autocast; and
+torch.compile of a fused SS2D.
+"""
+
+import math
+
+import pytest
+import torch
+
+from classification.models import vmamba
+from classification.models.cross_scan import cross_scan
+from classification.models.vmamba import SS2D
+from selective_scan import ss2d
+
+PARAM_NAMES = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
+
+
+def make_params(dim, rank, d_state=1, seed=0, device="cpu"):
+    """SS2D-like parameters with every entry distinct (A and D not at their constant init)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def uniform(*shape, bound):
+        return (torch.rand(*shape, generator=g) * 2 - 1) * bound
+
+    dt = torch.exp(torch.rand(4, dim, generator=g) * (math.log(0.1) - math.log(0.001)) + math.log(0.001))
+    params = dict(
+        x_proj_weight=uniform(4, rank + 2 * d_state, dim, bound=dim ** -0.5),
+        dt_projs_weight=uniform(4, dim, rank, bound=rank ** -0.5),
+        dt_projs_bias=dt + torch.log(-torch.expm1(-dt)),
+        A_logs=torch.log(1 + torch.rand(4 * dim, d_state, generator=g)),
+        Ds=torch.randn(4 * dim, generator=g),
+    )
+    return {k: v.to(device) for k, v in params.items()}
+
+
+def run_core(x, params, backend, channel_first=True, seed=1, **kwargs):
+    """y and the gradients of (x, *params) for a fixed random output gradient."""
+    x = x.detach().clone().requires_grad_()
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    y = ss2d.ss2d_core(x, **leaves, channel_first=channel_first, backend=backend, **kwargs)
+    g = torch.Generator(device=x.device).manual_seed(seed)
+    dy = torch.randn(y.shape, generator=g, device=x.device)
+    y.backward(dy)
+    return y.detach(), [x.grad] + [leaves[k].grad for k in PARAM_NAMES]
+
+
+def assert_close(actual, expected, rtol, atol, what=""):
+    """assert_close with atol relative to the expected tensor's largest magnitude (gradients summed over many
+    positions are large)."""
+    scale = max(1.0, expected.abs().max().item())
+    torch.testing.assert_close(actual.to(expected.dtype), expected, rtol=rtol, atol=atol * scale, msg=lambda m: f"{what}: {m}")
+
+
+# ------------------------------------------------------------------------------------------------ CPU
+
+
+def test_route_positions_match_cross_scan():
+    x = torch.randn(2, 3, 5, 7)
+    xs = cross_scan(x, channel_first=True, routes="cross2d", backend="torch")
+    positions = ss2d.route_positions(5, 7)
+    for k in range(4):
+        torch.testing.assert_close(xs[:, k], x.flatten(2)[:, :, positions[k]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channel_first", [True, False])
+def test_reference_equals_ss2d_unfused_ssm(channel_first):
+    torch.manual_seed(0)
+    module = SS2D(d_model=20, d_state=1, ssm_ratio=1.85, forward_type="v05_noz", channel_first=channel_first)
+    x = torch.randn(2, module.d_inner, 5, 7)
+    params = {k: getattr(module, k) for k in PARAM_NAMES}
+    with torch.no_grad():
+        expected = module.ssm(x)
+        y = ss2d.ss2d_core_reference(x, **params, channel_first=channel_first)
+    assert y.shape == expected.shape and y.dtype == torch.float32
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    # merged output in channels-last storage, as cross_merge's
+    assert (y.permute(0, 2, 3, 1) if channel_first else y).is_contiguous()
+
+
+@pytest.mark.parametrize("rank", [1, 2, 6, 12, 24, 30])
+@pytest.mark.parametrize("channel_first", [True, False])
+def test_fused_interface_equals_reference_on_cpu(rank, channel_first):
+    """Every piece of the fused path except the CUDA kernels: the reordered, padded projection, the x_dbl
+    GEMM, the ops and their autograd rule (the ops run their PyTorch implementation here)."""
+    dim, height, width = 37, 5, 7
+    params = make_params(dim, rank, seed=rank)
+    x = torch.randn(2, dim, height, width, generator=torch.Generator().manual_seed(3))
+    if not channel_first:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y_ref, grads_ref = run_core(x, params, "reference", channel_first)
+    y, grads = run_core(x, params, "fused", channel_first)
+    assert y.shape == y_ref.shape
+    assert_close(y, y_ref, 1e-5, 1e-5, "y")
+    for name, g, g_ref in zip(("x",) + PARAM_NAMES, grads, grads_ref):
+        assert_close(g, g_ref, 1e-4, 1e-5, name)
+
+
+def test_dispatch_rule_and_validation():
+    params = make_params(8, 2)
+    x = torch.randn(1, 8, 3, 4)
+    # CPU tensors take the reference by default
+    torch.testing.assert_close(ss2d.ss2d_core(x, **params), ss2d.ss2d_core_reference(x, **params), rtol=0, atol=0)
+    assert ss2d.fused_unsupported_reason(x, 2, 1) is None
+    assert "d_state" in ss2d.fused_unsupported_reason(x, 2, 16)
+    assert "dt rank 48" in ss2d.fused_unsupported_reason(x, 48, 1)
+    assert "dtype" in ss2d.fused_unsupported_reason(x.double(), 2, 1)
+    with pytest.raises(RuntimeError, match="backend='fused'.*d_state is 4"):
+        ss2d.ss2d_core(x, **make_params(8, 2, d_state=4), backend="fused")
+    with pytest.raises(RuntimeError, match="dt rank 31"):
+        ss2d.ss2d_core(x, **make_params(8, 31), backend="fused")
+    # v0-style d_state 4 still works through the reference
+    assert ss2d.ss2d_core(x, **make_params(8, 2, d_state=4)).shape == (1, 8, 3, 4)
+    with pytest.raises(ValueError, match="`x` must be"):
+        ss2d.ss2d_core(x[0], **params)
+    with pytest.raises(ValueError, match="`x_proj_weight` must be"):
+        ss2d.ss2d_core(x, **{**params, "x_proj_weight": params["x_proj_weight"][:, :-1]})
+    with pytest.raises(ValueError, match="`Ds` must be"):
+        ss2d.ss2d_core(x, **{**params, "Ds": params["Ds"][:-1]})
+    with pytest.raises(ValueError, match="`dt_projs_weight` must be"):
+        ss2d.ss2d_core(x[:, :7], **params)
+    with pytest.raises(ValueError, match="`backend`"):
+        ss2d.ss2d_core(x, **params, backend="triton")
+
+
+def test_model_dispatch_stays_unfused_on_cpu_and_under_tracing():
+    module = SS2D(d_model=16, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", channel_first=True)
+    assert vmamba._fused_ss2d(module, torch.randn(1, 32, 4, 4)) is None
+
+
+def _op_inputs(dim=12, rank=3, height=4, width=5, batch=2, seed=0):
+    params = make_params(dim, rank, seed=seed)
+    x = torch.randn(batch, height, width, dim, generator=torch.Generator().manual_seed(seed + 1))
+    x_dbl = ss2d.project(x, params["x_proj_weight"])
+    A = -torch.exp(params["A_logs"]).view(4, dim)
+    return [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], A, params["Ds"].view(4, dim)]
+
+
+def test_opcheck_registered_ops():
+    args = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in _op_inputs()]
+    torch.library.opcheck(torch.ops.selective_scan.ss2d_fwd.default, args)
+
+
+def test_torch_compile_fused_interface_cpu():
+    dim, rank = 12, 3
+    params = make_params(dim, rank)
+    x = torch.randn(2, dim, 4, 5)
+
+    def core(x, *p):
+        return ss2d.ss2d_core(x, *p, backend="fused")
+
+    compiled = torch.compile(core, fullgraph=True)
+    y_eager, grads_eager = run_core(x, params, "fused")
+    leaves = [x.clone().requires_grad_()] + [params[k].clone().requires_grad_() for k in PARAM_NAMES]
+    y = compiled(*leaves)
+    y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    torch.testing.assert_close(y.detach(), y_eager, rtol=1e-5, atol=1e-5)
+    for g, g_eager in zip([t.grad for t in leaves], grads_eager):
+        torch.testing.assert_close(g, g_eager, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- CUDA
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# SPEC section 1 (rtol, atol): y is fp32 arithmetic on the given inputs whatever x's dtype
+Y_TOL = (6e-4, 2e-3)
+DX_TOL = {torch.float32: (1.2e-3, 4e-3), torch.float16: (6e-3, 1e-2), torch.bfloat16: (6e-2, 1e-1)}
+XDBL_TOL = (3e-3, 2e-2)  # like ddelta: rtol 5x, atol 10x
+WEIGHT_TOL = (1e-3, 1e-3)
+
+
+def op_grads_cuda(x, params, seed=1):
+    """Runs the fused ops on CUDA and the float64 oracle of their contract from the same inputs; returns both
+    (y, [dx, dx_dbl, d dt_weight, d dt_bias, dA, dDs])."""
+    dim = x.shape[-1]
+    x_dbl = ss2d.project(x, params["x_proj_weight"]).detach()
+    inputs = [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], -torch.exp(params["A_logs"]).view(4, dim),
+              params["Ds"].view(4, dim)]
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    dy = torch.randn(x.shape, generator=g, device="cuda")
+
+    def run(leaves, fn):
+        y = fn(*leaves)
+        return y.detach(), list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
+
+    fused = run([t.detach().clone().requires_grad_() for t in inputs],
+                lambda *a: torch.ops.selective_scan.ss2d_fwd(*a)[0])
+    oracle = run([t.detach().double().requires_grad_() for t in inputs], ss2d._fused_core_torch)
+    return fused, oracle
+
+
+def check_op(fused, oracle, dtype):
+    (y, grads), (y_ref, grads_ref) = fused, oracle
+    assert_close(y, y_ref, *Y_TOL, "y")
+    names = ("dx", "dx_dbl", "d dt_weight", "d dt_bias", "dA", "dDs")
+    tols = (DX_TOL[dtype], XDBL_TOL) + (WEIGHT_TOL,) * 4
+    for name, g, g_ref, tol in zip(names, grads, grads_ref, tols):
+        assert torch.isfinite(g).all(), name
+        assert_close(g, g_ref, *tol, name)
+    assert grads[0].dtype == dtype
+
+
+# (batch, D, H, W, dt rank): odd channel counts (partial warps), thin maps, maps shorter than one tile (64
+# steps) and spanning several, partial last chunks, every x_dbl width (8, 16, 32)
+CUDA_SHAPES = [(2, 37, 5, 7, 6), (1, 64, 13, 11, 12), (3, 100, 1, 33, 24), (2, 32, 17, 1, 2), (1, 40, 24, 40, 6),
+               (2, 70, 9, 23, 30), (1, 33, 1, 1, 6), (2, 48, 31, 3, 12)]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_kernels_match_fp64_oracle(dtype, shape):
+    batch, dim, height, width, rank = shape
+    params = make_params(dim, rank, seed=dim, device="cuda")
+    x = torch.randn(batch, height, width, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(7)).to(dtype)
+    check_op(*op_grads_cuda(x, params), dtype)
+
+
+@pytest.mark.cuda
+def test_fused_kernels_detection_size_map():
+    """A Mask R-CNN stage-1 map at 1333x800 input (200 x 336): no on-chip buffer scales with the map."""
+    dim, rank = 24, 2
+    params = make_params(dim, rank, seed=5, device="cuda")
+    x = torch.randn(1, 200, 336, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(8)).half()
+    check_op(*op_grads_cuda(x, params), torch.float16)
+
+
+def ss2d_module_grads(module, x, fused, dtype, seed=2):
+    vmamba_fused = vmamba.FUSED_SS2D
+    vmamba.FUSED_SS2D = fused
+    try:
+        x = x.detach().clone().requires_grad_()
+        module.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            y = module(x)
+        dy = torch.randn(y.shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda")
+        y.float().backward(dy)
+        return y.detach().float(), [x.grad] + [p.grad.clone() for p in module.parameters()]
+    finally:
+        vmamba.FUSED_SS2D = vmamba_fused
+
+
+MODULE_TOL = {torch.float32: (1e-3, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("channel_first", [True, False], ids=["ln2d", "ln"])
+@pytest.mark.parametrize("config", [(24, 2.0, 9, 13), (96, 2.0, 14, 14), (200, 1.0, 7, 5)],
+                         ids=["d24", "d96", "d200"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fused_ss2d_module_matches_unfused(dtype, config, channel_first):
+    """Whole SS2D (in_proj .. out_proj), fused core vs the unfused one (Triton cross-scan/merge, CUDA scan),
+    under autocast. The unfused path rounds dt_proj's output to the autocast dtype, hence looser tolerances."""
+    d_model, ratio, height, width = config
+    torch.manual_seed(0)
+    module = SS2D(d_model=d_model, d_state=1, ssm_ratio=ratio, forward_type="v05_noz", conv_bias=False,
+                  channel_first=channel_first).cuda()
+    with torch.no_grad():
+        module.A_logs.uniform_(-0.5, 0.7)
+        module.Ds.normal_()
+    assert vmamba._fused_ss2d(module, torch.empty(1, module.d_inner, 2, 2, device="cuda")) is not None
+    shape = (2, d_model, height, width) if channel_first else (2, height, width, d_model)
+    x = torch.randn(shape, device="cuda")
+    y, grads = ss2d_module_grads(module, x, True, dtype)
+    y_ref, grads_ref = ss2d_module_grads(module, x, False, dtype)
+    rtol, atol = MODULE_TOL[dtype]
+    assert_close(y, y_ref, rtol, atol, "y")
+    names = ["x"] + [n for n, _ in module.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, rtol, atol, name)
+
+
+@pytest.mark.cuda
+def test_vmamba_tiny_dispatch():
+    """VMamba-T [s1l8]: dt ranks 6 / 12 / 24 are fused, stage 4's 48 is not (x_dbl rows of 50 values)."""
+    from classification.models import vmamba_tiny_s1l8
+    model = vmamba_tiny_s1l8(num_classes=10)
+    fused = []
+    for stage in model.layers:
+        op = stage.blocks[0].op
+        fused.append(vmamba._fused_ss2d(op, torch.empty(1, op.d_inner, 2, 2, device="cuda")) is not None)
+    assert fused == [True, True, True, False]
+
+
+@pytest.mark.cuda
+def test_torch_compile_fused_ss2d_module():
+    torch.manual_seed(0)
+    module = SS2D(d_model=32, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", conv_bias=False,
+                  channel_first=True).cuda()
+    x = torch.randn(2, 32, 11, 9, device="cuda")
+    y_eager, grads_eager = ss2d_module_grads(module, x, True, torch.float16)
+    compiled = torch.compile(module, fullgraph=True)
+    y, grads = ss2d_module_grads(compiled, x, True, torch.float16)
+    assert_close(y, y_eager, 1e-3, 1e-3, "y")
+    for g, g_eager in zip(grads, grads_eager):
+        assert_close(g, g_eager, 1e-3, 1e-3)
