@@ -9,6 +9,9 @@
 #   scaleup  analyze/tp.py scale-up study 224..1024 at batch 32, with its PNG
 #   train    classification/main.py on one GPU (img/s, fp16 stability); train2: also 2 GPUs (torchrun)
 #   mm       Mask R-CNN and UperNet, VMamba-T vs Swin-T, a few hundred iterations
+#   model    benchmarks/bench_model.py: VMamba-T/S/B fused and unfused SS2D beside the timm baselines
+#            (+ torch.compile of VMamba-T), then the stage-1 SS2D op alone
+#   profile  benchmarks/profile_model.py: VMamba-T's kernel table under AMP, inference and training
 #
 # It installs the carried wheels (.whl/, staged by benchmarks/stage_device_wheels.sh) and builds the selective-scan
 # extension for the card first. Logs and results go under $OUT (default ./device_out).
@@ -47,6 +50,8 @@ run_part() {
     train)   bash benchmarks/device_train.sh --out "$OUT/train" --steps "${TRAIN_STEPS:-300}" 2>&1 | tail -n 12 ;;
     train2)  bash benchmarks/device_train.sh --gpus 2 --out "$OUT/train" --steps "${TRAIN_STEPS:-300}" 2>&1 | tail -n 12 ;;
     mm)      OUT="$OUT/mm" ITERS="${MM_ITERS:-300}" bash benchmarks/device_mm.sh 2>&1 | tail -n 12 ;;
+    model)   python3 benchmarks/bench_model.py --compile --json "$OUT/bench_model.json" 2>&1 | tee "$OUT/bench_model.log" ;;
+    profile) python3 benchmarks/profile_model.py --modes infer_amp train_amp --cpu-top 15 2>&1 | tee "$OUT/profile.log" ;;
     *)       echo "unknown part '$part'"; return 2 ;;
   esac
 }
