@@ -37,11 +37,26 @@ if [ -n "${SCAN_VARIANT_FLAGS:-}" ]; then
     ./kernels/selective_scan >"$OUT/build_variant.log" 2>&1 && echo "variant build: $(( $(date +%s) - start )) s" &&
     PYTHONPATH="$SITE-variant:$PWD" python3 benchmarks/bench_scan.py >"$OUT/bench_variant.log" 2>&1
   echo "## variant $SCAN_VARIANT_FLAGS"
-  tail -9 "$OUT/bench_variant.log"
+  tail -11 "$OUT/bench_variant.log"
 fi
 
 python3 benchmarks/bench_scan.py --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
 bench_rc=$?
+python3 benchmarks/bench_scan.py --calls 10 --json "$OUT/bench_b2b.json" >"$OUT/bench_b2b.log" 2>&1
+
+# Optional Nsight Compute profile of the fp16 kernels at the stages in SCAN_NCU (e.g. "0 1"): full report
+# in $OUT/ncu.txt, the headline metrics printed.
+for stage in ${SCAN_NCU:-}; do
+  command -v ncu >/dev/null || break
+  echo "## ncu, stage $stage"
+  timeout 200 ncu --set full -k regex:scan_ -c 2 python3 benchmarks/bench_scan.py --profile "$stage" >>"$OUT/ncu.txt" 2>&1
+done
+if [ -n "${SCAN_NCU:-}" ]; then
+  grep -E "scan_(fwd|bwd)_kernel|^ +(Duration|DRAM Throughput|L2 Cache Throughput|Issue Slots Busy|Executed Instructions|Registers Per Thread|Achieved Occupancy|Local Memory Spilling Requests) " "$OUT/ncu.txt" | cut -c1-110
+fi
+
+echo "## default build, back-to-back calls"
+tail -9 "$OUT/bench_b2b.log"
 echo "## default build"
 cat "$OUT/bench.log"
 echo "tests rc=$tests_rc bench rc=$bench_rc"

@@ -167,6 +167,49 @@ def test_misaligned_rows_take_the_scalar_path():
     check("du", grads["u"], grads_ref["u"], 6e-3, 1e-2)
 
 
+def misaligned(t):
+    """A contiguous copy of t that starts 2 bytes past 16-byte alignment."""
+    storage = torch.empty(t.numel() + 1, dtype=t.dtype, device=t.device)
+    out = storage[1:].view_as(t)
+    out.copy_(t)
+    return out
+
+
+def test_misaligned_delta_and_bc_take_the_scalar_path():
+    opts = OPTION_SETS["full"]
+    inputs = make_inputs(torch.float16, 2, 2048, 1, opts, 8)
+    for name in ("delta", "B", "C"):
+        inputs[name] = misaligned(inputs[name])
+    y, last, grads = run_with_grads(inputs, opts, "cuda", 8)
+    y_ref, last_ref, grads_ref = float64_reference(inputs, opts, 8)
+    rtol, atol = TOLERANCES[torch.float16]
+    check("y", y, y_ref, *TOLERANCES[torch.float32])
+    check("last_state", last, last_ref, *TOLERANCES[torch.float32])
+    check("du", grads["u"], grads_ref["u"], 2 * rtol, 2 * atol)
+    check("ddelta", grads["delta"], grads_ref["delta"], 5 * rtol, 10 * atol)
+
+
+@pytest.mark.parametrize("d_state", [1, 4])
+def test_softplus_extremes(d_state):
+    """delta + bias from -30 to 30: dt from 1e-13 (relative accuracy of a tiny softplus) to past the threshold
+    20 (dt = x exactly, slope 1), in the kernel's softplus and its derivative."""
+    opts = dict(OPTION_SETS["full"], groups=4)
+    inputs = make_inputs(torch.float32, 2, 3000, d_state, opts, 19)
+    g = torch.Generator(device="cuda").manual_seed(20)
+    inputs["delta"] = 60 * torch.rand(inputs["delta"].shape, generator=g, device="cuda") - 30
+    y, last, grads = run_with_grads(inputs, opts, "cuda", 19)
+    y_ref, last_ref, grads_ref = float64_reference(inputs, opts, 19)
+    rtol, atol = TOLERANCES[torch.float32]
+    check("y", y, y_ref, rtol, atol)
+    check("last_state", last, last_ref, rtol, atol)
+    check("du", grads["u"], grads_ref["u"], 2 * rtol, 2 * atol)
+    check("ddelta", grads["delta"], grads_ref["delta"], 5 * rtol, 10 * atol)
+    for name in ("A", "D", "delta_bias"):
+        want = grads_ref[name]
+        scale = max(1.0, want.abs().max().item())
+        check(f"d{name}", grads[name], want, WEIGHT_TOLERANCE[0], WEIGHT_TOLERANCE[1] * scale)
+
+
 def test_large_decays_stay_finite():
     opts = dict(OPTION_SETS["full"], groups=4)
     inputs = make_inputs(torch.float32, 2, 3000, 16, opts, 11)
