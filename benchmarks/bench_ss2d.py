@@ -22,10 +22,10 @@ element at stage 1) is not counted. The card's device-to-device copy bandwidth i
 import argparse
 import json
 import math
-import statistics
 
 import torch
 
+import bench_scan  # same directory: its CUDA-event timer and copy-bandwidth probe
 import selective_scan
 from selective_scan import ss2d
 from classification.models import vmamba
@@ -34,26 +34,8 @@ from classification.models.vmamba import SS2D
 PARAMS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
 
-def time_gpu(fn, warmup=5, repeat=20):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
-def copy_bandwidth_tb_s():
-    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    ms = time_gpu(lambda: dst.copy_(src), warmup=3, repeat=20)
-    del src, dst
-    return 2 * (2 << 30) / (ms * 1e-3) / 1e12
+def time_gpu(fn):
+    return bench_scan.time_gpu(fn, warmup=5, repeat=20)
 
 
 def stage_shape(stage):
@@ -125,7 +107,7 @@ def main(argv=None):
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
-                  copy_tb_s=copy_bandwidth_tb_s(), rows=[])
+                  copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:
         result["rows"].append(bench_stage(stage, args.batch, torch.float16))
         torch.cuda.empty_cache()

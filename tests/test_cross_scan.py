@@ -1,8 +1,5 @@
 """Cross-scan / cross-merge: the route definitions of SPEC section 2, adjointness, autograd, and the
 Triton kernels (run by the Triton interpreter on CPU) against the torch implementation."""
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -108,13 +105,8 @@ TRITON_VS_TORCH = textwrap.dedent("""
 """)
 
 
-def test_triton_interpreted_equals_torch():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", TRITON_VS_TORCH], env=env, capture_output=True, text=True,
-                            timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "checked 12" in result.stdout
+def test_triton_interpreted_equals_torch(triton_interpreted):
+    assert "checked 12" in triton_interpreted(TRITON_VS_TORCH)
 
 
 @pytest.mark.cuda
