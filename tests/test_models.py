@@ -246,3 +246,23 @@ def test_vmamba_tiny_on_cuda_matches_cpu_and_trains_under_amp():
         loss = model(torch.randn(4, 3, 224, 224, device="cuda")).float().logsumexp(-1).mean()
     loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
+                                    pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_whole_model_compiles_without_graph_breaks(device):
+    # fullgraph=True fails on any graph break: the scan, the fused SS2D core, the cross-scan and the
+    # LayerNorm kernels must all be traceable ops (CUDA: TF32 convolutions and other kernel choices, so looser)
+    tol = dict(rtol=1e-4, atol=1e-4) if device == "cpu" else dict(rtol=2e-3, atol=2e-3)
+    torch.manual_seed(0)
+    model = models.vmamba_tiny_s1l8(dims=16, depths=(1, 1, 1, 1), num_classes=10, drop_path_rate=0.0).to(device)
+    x = torch.randn(2, 3, 64, 96, device=device)
+    expected = model(x)
+    expected.square().sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    out = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(out, expected, **tol)
+    out.square().sum().backward()
+    for p, g in zip(model.parameters(), grads):
+        torch.testing.assert_close(p.grad, g, rtol=10 * tol["rtol"], atol=tol["atol"])
