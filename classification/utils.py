@@ -2,13 +2,14 @@
 import glob
 import hashlib
 import os
-import pickle
 import random
 import resource
 
 import numpy as np
 import torch
 import torch.distributed as dist
+
+from classification.models.checkpoint import torch_load_cpu
 
 CHECKPOINT_GLOB = "ckpt_epoch_*.pth"
 
@@ -164,18 +165,12 @@ def save_checkpoint_atomic(state, path):
 def read_checkpoint(path):
     """Load a checkpoint on the CPU, with a clear CheckpointError if it is missing or unreadable.
 
-    Tries the safe ``weights_only`` loader first; files holding other Python objects (the authors'
-    checkpoints store their yacs config object) are loaded with the full unpickler.
+    Loads through ``torch_load_cpu`` (the authors' checkpoints also pickle their yacs config object).
     """
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path!r} does not exist")
     try:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as error:
-            if "weights_only" not in str(error).lower().replace(" ", "_"):
-                raise
-            checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch_load_cpu(path)
     except Exception as error:  # torch.load raises many types for a damaged file
         raise CheckpointError(f"checkpoint {path!r} is unreadable (truncated or not a PyTorch file): "
                               f"{type(error).__name__}: {error}") from error

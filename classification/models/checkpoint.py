@@ -11,7 +11,7 @@ import pickle
 
 import torch
 
-__all__ = ["load_state_dict_from", "load_pretrained", "LoadReport"]
+__all__ = ["load_state_dict_from", "load_pretrained", "LoadReport", "torch_load_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +24,9 @@ def _is_state_dict(obj):
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _torch_load(path):
+def torch_load_cpu(path):
+    """torch.load onto the CPU: the safe ``weights_only`` loader first, the full unpickler for files that
+    also hold other Python objects."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -44,7 +46,7 @@ def load_state_dict_from(source, key=None):
         path = os.fspath(source)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"checkpoint file not found: {path}")
-        source, where = _torch_load(path), f" in {path}"
+        source, where = torch_load_cpu(path), f" in {path}"
     if not isinstance(source, dict):
         raise TypeError(f"expected a path, a checkpoint dict or a state_dict, got {type(source).__name__}")
 

@@ -19,9 +19,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-__all__ = ["layer_norm_lastdim", "TRITON_AVAILABLE"]
-
-TRITON_AVAILABLE = triton is not None
+__all__ = ["layer_norm_lastdim"]
 
 
 if triton is not None:

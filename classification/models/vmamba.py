@@ -22,7 +22,7 @@ from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 from .cross_scan import cross_merge, cross_scan
-from .layer_norm import TRITON_AVAILABLE, layer_norm_lastdim
+from .layer_norm import layer_norm_lastdim
 
 __all__ = ["Linear2d", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
            "NORM_LAYERS", "rename_legacy_keys"]
@@ -53,10 +53,10 @@ class Linear2d(nn.Linear):
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over C of a (B, C, H, W) map.
 
-    On CUDA, with channels-last storage, one Triton kernel (layer_norm.py) reads the input in its own
-    dtype and writes the output dtype that autocast's layer_norm + the next op would leave: fp32, or, for
-    a norm marked ``matmul_input`` (its output goes straight into a linear layer, which would cast it),
-    the autocast dtype. Elsewhere F.layer_norm.
+    On CUDA the output dtype is the one autocast's layer_norm + the next op would leave: fp32, or, for a
+    norm marked ``matmul_input`` (its output goes straight into a linear layer, which would cast it), the
+    autocast dtype; layer_norm_lastdim writes it in one Triton kernel for channels-last storage.
+    Elsewhere F.layer_norm.
     """
 
     def __init__(self, normalized_shape, eps=1e-5, matmul_input=False, **kwargs):
@@ -65,7 +65,7 @@ class LayerNorm2d(nn.LayerNorm):
 
     def forward(self, x):
         x_last = x.permute(0, 2, 3, 1)
-        if TRITON_AVAILABLE and x.is_cuda and x_last.is_contiguous():
+        if x.is_cuda:
             if torch.is_autocast_enabled("cuda"):
                 out_dtype = torch.get_autocast_dtype("cuda") if self.matmul_input else torch.float32
             else:
