@@ -25,14 +25,19 @@ __all__ = ["layer_norm_lastdim"]
 if triton is not None:
 
     @triton.jit
-    def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, eps,
-                               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+    def _row_tile(n_rows, C, ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's ROWS x BLOCK_C tile of the (n_rows, C) matrix: indices, masks, element offsets."""
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK_C)
         row_ok = rows < n_rows
         col_ok = cols < C
         mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None].to(tl.int64) * C + cols[None, :]
+        return rows, cols, row_ok, col_ok, mask, rows[:, None].to(tl.int64) * C + cols[None, :]
+
+    @triton.jit
+    def _layer_norm_fwd_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr, n_rows, C, eps,
+                               ROWS: tl.constexpr, BLOCK_C: tl.constexpr):
+        rows, cols, row_ok, col_ok, mask, offsets = _row_tile(n_rows, C, ROWS, BLOCK_C)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=1) / C
         centred = tl.where(mask, x - mean[:, None], 0.0)
@@ -51,12 +56,7 @@ if triton is not None:
         # that the caller adds up (one program per tile keeps the whole card busy; the partials are a
         # few percent of the bytes moved).
         pid = tl.program_id(0)
-        rows = pid * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK_C)
-        row_ok = rows < n_rows
-        col_ok = cols < C
-        mask = row_ok[:, None] & col_ok[None, :]
-        offsets = rows[:, None].to(tl.int64) * C + cols[None, :]
+        rows, cols, row_ok, col_ok, mask, offsets = _row_tile(n_rows, C, ROWS, BLOCK_C)
         x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + rows, mask=row_ok, other=0.0)
