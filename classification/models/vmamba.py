@@ -18,11 +18,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from selective_scan.layer_norm import layer_norm
 from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
 
 from .cross_scan import cross_merge, cross_scan
-from .layer_norm import layer_norm_lastdim
 
 __all__ = ["Linear2d", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
            "NORM_LAYERS", "rename_legacy_keys"]
@@ -53,10 +53,10 @@ class Linear2d(nn.Linear):
 class LayerNorm2d(nn.LayerNorm):
     """LayerNorm over C of a (B, C, H, W) map.
 
-    On CUDA the output dtype is the one autocast's layer_norm + the next op would leave: fp32, or, for a
+    The output dtype is the one autocast's layer_norm + the next op would leave: fp32 under autocast, or, for a
     norm marked ``matmul_input`` (its output goes straight into a linear layer, which would cast it), the
-    autocast dtype; layer_norm_lastdim writes it in one Triton kernel for channels-last storage.
-    Elsewhere F.layer_norm.
+    autocast dtype; x's dtype without autocast. On CUDA selective_scan.layer_norm computes it in one kernel
+    over channels-last storage (no transpose, one rounding).
     """
 
     def __init__(self, normalized_shape, eps=1e-5, matmul_input=False, **kwargs):
@@ -64,16 +64,11 @@ class LayerNorm2d(nn.LayerNorm):
         self.matmul_input = matmul_input
 
     def forward(self, x):
-        x_last = x.permute(0, 2, 3, 1)
-        if x.is_cuda:
-            if torch.is_autocast_enabled("cuda"):
-                out_dtype = torch.get_autocast_dtype("cuda") if self.matmul_input else torch.float32
-            else:
-                out_dtype = x.dtype
-            y = layer_norm_lastdim(x_last, self.weight, self.bias, self.eps, out_dtype)
-        else:
-            y = F.layer_norm(x_last, self.normalized_shape, self.weight, self.bias, self.eps)
-        return y.permute(0, 3, 1, 2)
+        device = x.device.type
+        out_dtype = x.dtype
+        if torch.is_autocast_enabled(device):
+            out_dtype = torch.get_autocast_dtype(device) if self.matmul_input else torch.float32
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype, channel_first=True)
 
 
 def _norm_before_matmul(norm_layer, dim):
