@@ -138,8 +138,8 @@ def _op_inputs(dim=12, rank=3, height=4, width=5, batch=2, seed=0):
     params = make_params(dim, rank, seed=seed)
     x = torch.randn(batch, height, width, dim, generator=torch.Generator().manual_seed(seed + 1))
     x_dbl = ss2d.project(x, params["x_proj_weight"])
-    A = -torch.exp(params["A_logs"]).view(4, dim)
-    return [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], A, params["Ds"].view(4, dim)]
+    return [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], params["A_logs"].view(4, dim),
+            params["Ds"].view(4, dim)]
 
 
 def test_opcheck_registered_ops():
@@ -177,10 +177,10 @@ WEIGHT_TOL = (1e-3, 1e-3)
 
 def op_grads_cuda(x, params, seed=1):
     """Runs the fused ops on CUDA and the float64 oracle of their contract from the same inputs; returns both
-    (y, [dx, dx_dbl, d dt_weight, d dt_bias, dA, dDs])."""
+    (y, [dx, dx_dbl, d dt_weight, d dt_bias, dA_log, dDs])."""
     dim = x.shape[-1]
     x_dbl = ss2d.project(x, params["x_proj_weight"]).detach()
-    inputs = [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], -torch.exp(params["A_logs"]).view(4, dim),
+    inputs = [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], params["A_logs"].view(4, dim),
               params["Ds"].view(4, dim)]
     g = torch.Generator(device="cuda").manual_seed(seed)
     dy = torch.randn(x.shape, generator=g, device="cuda")
@@ -198,7 +198,7 @@ def op_grads_cuda(x, params, seed=1):
 def check_op(fused, oracle, dtype):
     (y, grads), (y_ref, grads_ref) = fused, oracle
     assert_close(y, y_ref, *Y_TOL, "y")
-    names = ("dx", "dx_dbl", "d dt_weight", "d dt_bias", "dA", "dDs")
+    names = ("dx", "dx_dbl", "d dt_weight", "d dt_bias", "dA_log", "dDs")
     tols = (DX_TOL[dtype], XDBL_TOL) + (WEIGHT_TOL,) * 4
     for name, g, g_ref, tol in zip(names, grads, grads_ref, tols):
         assert torch.isfinite(g).all(), name

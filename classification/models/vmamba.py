@@ -193,7 +193,7 @@ class Mlp(nn.Module):
         self.fc1 = linear(dim, 2 * hidden_dim if gated else hidden_dim)
         self.act = act_layer()
         self.fc2 = linear(hidden_dim, dim)
-        self.drop = nn.Dropout(drop)
+        self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x):
         x = self.fc1(x)
@@ -355,8 +355,8 @@ class SS2D(nn.Module):
         B, D, H, W = x.shape
         ss2d = _fused_ss2d(self, x)
         if ss2d is not None:
-            return ss2d.ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
-                                  self.Ds, channel_first=self.channel_first, backend="fused")
+            return ss2d.fused_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+                                   self.Ds, self.channel_first)
         ys = _selective_scan_fn()(**self.scan_args(x), out_float=True)
         return cross_merge(ys.view(B, self.K, D, H, W), channel_first=self.channel_first, routes=self.routes)
 

@@ -37,9 +37,9 @@ struct Problem {
   int kv;
 };
 
-// x (B, H, W, D); x_dbl (B, H, W, K * kV) fp32; dt_weight (K, D, R); dt_bias, A, Ds (K, D) fp32.
+// x (B, H, W, D); x_dbl (B, H, W, K * kV) fp32; dt_weight (K, D, R); dt_bias, A_log, Ds (K, D) fp32.
 Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
-                     const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Ds) {
+                     const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "ss2d: `x` must be a contiguous (B, H, W, D) CUDA tensor");
   dtype_of(x);
   TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kRoutes, "ss2d: `dt_weight` must be (4, D, R)");
@@ -58,7 +58,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   check(x_dbl, "x_dbl", at::kFloat, {x.size(0), x.size(1), x.size(2), kRoutes * pr.kv}, x);
   check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
   check(dt_bias, "dt_bias", at::kFloat, {kRoutes, x.size(3)}, x);
-  check(A, "A", at::kFloat, {kRoutes, x.size(3)}, x);
+  check(A_log, "A_log", at::kFloat, {kRoutes, x.size(3)}, x);
   check(Ds, "Ds", at::kFloat, {kRoutes, x.size(3)}, x);
   s.groups = (s.dim + kLanes - 1) / kLanes;
   s.num_chunks = (s.length + chunk_for_kv(pr.kv) - 1) / chunk_for_kv(pr.kv);
@@ -70,8 +70,8 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
-                                       const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Ds) {
-  const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A, Ds);
+                                       const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
+  const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   const Shape& s = pr.s;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
   p.xdbl = x_dbl.data_ptr<float>();
   p.dt_weight = dt_weight.data_ptr<float>();
   p.dt_bias = dt_bias.data_ptr<float>();
-  p.A = A.data_ptr<float>();
+  p.A_log = A_log.data_ptr<float>();
   p.Ds = Ds.data_ptr<float>();
   p.y = y.data_ptr<float>();
   p.ckpt = ckpt.data_ptr<float>();
@@ -95,8 +95,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& dy, const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
-    const at::Tensor& dt_bias, const at::Tensor& A, const at::Tensor& Ds, const at::Tensor& ckpt) {
-  const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A, Ds);
+    const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds, const at::Tensor& ckpt) {
+  const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   const Shape& s = pr.s;
   check(dy, "dy", at::kFloat, x.sizes(), x);
   check(ckpt, "ckpt", at::kFloat, {s.batch, kRoutes, s.num_chunks, s.dim}, x);
@@ -106,7 +106,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dxdbl = at::zeros(x_dbl.sizes(), f32);
   auto ddt_weight = at::zeros({kRoutes, s.rank, s.dim}, f32);
   auto ddt_bias = at::zeros_like(dt_bias);
-  auto dA = at::zeros_like(A);
+  auto dA_log = at::zeros_like(A_log);
   auto dDs = at::zeros_like(Ds);
   if (x.numel() > 0) {
     BwdParams p{};
@@ -116,19 +116,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.xdbl = x_dbl.data_ptr<float>();
     p.dt_weight = dt_weight.data_ptr<float>();
     p.dt_bias = dt_bias.data_ptr<float>();
-    p.A = A.data_ptr<float>();
+    p.A_log = A_log.data_ptr<float>();
     p.Ds = Ds.data_ptr<float>();
     p.ckpt = ckpt.data_ptr<float>();
     p.dx = dx.data_ptr<float>();
     p.dxdbl = dxdbl.data_ptr<float>();
     p.ddt_weight = ddt_weight.data_ptr<float>();
     p.ddt_bias = ddt_bias.data_ptr<float>();
-    p.dA = dA.data_ptr<float>();
+    p.dA_log = dA_log.data_ptr<float>();
     p.dDs = dDs.data_ptr<float>();
     const cudaError_t status = launch_ss2d_bwd(p, dtype_of(x), pr.kv, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status == cudaSuccess, "ss2d: backward launch failed: ", cudaGetErrorString(status));
   }
-  return {dx.to(x.scalar_type()), dxdbl, ddt_weight.transpose(1, 2).contiguous(), ddt_bias, dA, dDs};
+  return {dx.to(x.scalar_type()), dxdbl, ddt_weight.transpose(1, 2).contiguous(), ddt_bias, dA_log, dDs};
 }
 
 }  // namespace
@@ -136,8 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace selective_scan
 
 TORCH_LIBRARY(selective_scan_ss2d, m) {
-  m.def("fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A, Tensor Ds) -> (Tensor, Tensor)");
-  m.def("bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A, Tensor Ds,"
+  m.def("fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> (Tensor, Tensor)");
+  m.def("bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds,"
         " Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

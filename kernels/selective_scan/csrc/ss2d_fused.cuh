@@ -62,7 +62,7 @@ struct FwdParams {
   const float* xdbl;       // (B, L, K, kV)
   const float* dt_weight;  // (K, D, R)
   const float* dt_bias;    // (K, D)
-  const float* A;          // (K, D), A = -exp(A_log)
+  const float* A_log;      // (K, D); A = -exp(A_log)
   const float* Ds;         // (K, D)
   float* y;                // (B, L, D), zero-initialised, accumulated with atomics
   float* ckpt;             // (B, K, num_chunks, D): state entering each chunk
@@ -75,14 +75,14 @@ struct BwdParams {
   const float* xdbl;
   const float* dt_weight;
   const float* dt_bias;
-  const float* A;
+  const float* A_log;
   const float* Ds;
   const float* ckpt;
   float* dx;               // (B, L, D) fp32, zero-initialised
   float* dxdbl;            // (B, L, K, kV), zero-initialised
   float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
   float* ddt_bias;         // (K, D), zero-initialised
-  float* dA;               // (K, D), zero-initialised
+  float* dA_log;           // (K, D), zero-initialised
   float* dDs;              // (K, D), zero-initialised
 };
 
@@ -168,15 +168,15 @@ struct Cursor {
 template <int kR>
 struct RouteParams {
   float w[kR];  // W_dt[k, d, :], zero-padded past R
-  float bias, A, A2, Dk;  // A2 = A * log2(e), the decay is exp2(dt * A2)
+  float bias, A, A2, Dk;  // A = -exp(A_log); A2 = A * log2(e), the decay is exp2(dt * A2)
 
   __device__ __forceinline__ RouteParams(const Shape& s, const float* dt_weight, const float* dt_bias,
-                                         const float* A_, const float* Ds, const Task& task) {
+                                         const float* A_log, const float* Ds, const Task& task) {
     const long kd = static_cast<long>(task.k) * s.dim + task.d_ld;
 #pragma unroll
     for (int j = 0; j < kR; ++j) w[j] = task.active && j < s.rank ? dt_weight[kd * s.rank + j] : 0.f;
     bias = task.active ? dt_bias[kd] : 0.f;
-    A = task.active ? A_[kd] : 0.f;
+    A = task.active ? -expf(A_log[kd]) : 0.f;
     A2 = A * kLog2e;
     Dk = task.active ? Ds[kd] : 0.f;
   }

@@ -96,7 +96,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 3) ss2d_bwd_kernel(co
   const Shape& s = p.s;
   const Task task(s);
   RowStage<kV>& stage = stages[task.k];
-  const RouteParams<kR> rp(s, p.dt_weight, p.dt_bias, p.A, p.Ds, task);
+  const RouteParams<kR> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
   ParamGrads<kR> acc;
   const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
   const T* x = static_cast<const T*>(p.x) + base;
@@ -120,7 +120,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 3) ss2d_bwd_kernel(co
   for (int j = 0; j < kR; ++j)
     if (j < s.rank) atomicAdd(p.ddt_weight + (static_cast<long>(task.k) * s.rank + j) * s.dim + task.d, acc.dw[j]);
   atomicAdd(p.ddt_bias + kd, acc.dbias);
-  atomicAdd(p.dA + kd, acc.dA);
+  atomicAdd(p.dA_log + kd, acc.dA * rp.A);  // dA / dA_log = A
   atomicAdd(p.dDs + kd, acc.dD);
 }
 

@@ -43,7 +43,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 4) ss2d_fwd_kernel(co
   const Shape& s = p.s;
   const Task task(s);
   RowStage<kV>& stage = stages[task.k];
-  const RouteParams<kV - 2> rp(s, p.dt_weight, p.dt_bias, p.A, p.Ds, task);
+  const RouteParams<kV - 2> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
   const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
   const T* x = static_cast<const T*>(p.x) + base;
   float* y = p.y + base;

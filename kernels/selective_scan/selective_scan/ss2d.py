@@ -30,7 +30,7 @@ from torch import Tensor
 from . import ops, torch_scan
 from .ops import selective_scan_fn
 
-__all__ = ["ss2d_core", "ss2d_core_reference", "fused_available", "fused_unsupported_reason", "route_positions",
+__all__ = ["ss2d_core", "ss2d_core_reference", "fused_core", "fused_available", "fused_unsupported_reason", "route_positions",
            "project"]
 
 K = 4
@@ -73,9 +73,10 @@ def project(x_last: Tensor, x_proj_weight: Tensor) -> Tensor:
     dim = x_last.shape[-1]
     rank = x_proj_weight.shape[1] - 2
     kv = _x_dbl_width(rank)
-    w = torch.cat([x_proj_weight[:, rank:], x_proj_weight[:, :rank]], 1)
-    w = F.pad(w, (0, 0, 0, kv - rank - 2)).reshape(K * kv, dim)
-    return F.linear(x_last, w.to(x_last.dtype)).float()
+    w = x_proj_weight.roll(2, 1)  # rows [dt ranks, B, C] -> [B, C, dt ranks]
+    if kv > rank + 2:
+        w = F.pad(w, (0, 0, 0, kv - rank - 2))
+    return F.linear(x_last, w.reshape(K * kv, dim).to(x_last.dtype)).float()
 
 
 def route_positions(height: int, width: int, device=None) -> Tensor:
@@ -147,27 +148,29 @@ def _route_inputs(x: Tensor, x_dbl: Tensor, dt_weight: Tensor):
     return us, deltas, Bs, Cs, rank_rows, positions
 
 
-def _fused_core_torch(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor) -> Tensor:
+def _fused_core_torch(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> Tensor:
     """The fused ops' contract in PyTorch (their forward off CUDA, and a differentiable test oracle): x
     (B, H, W, D), x_dbl (B, H, W, 4 * kV) with route k's row [B, C, dt-rank values, zero padding]; returns
     y (B, H, W, D) in fp32 (fp64 for fp64 inputs)."""
     batch, height, width, dim = x.shape
     us, deltas, Bs, Cs, _, positions = _route_inputs(x, x_dbl, dt_weight)
-    ys = selective_scan_fn(us, deltas, A.reshape(K * dim, 1).to(us.dtype), Bs, Cs, Ds.reshape(-1).to(us.dtype),
+    A = -torch.exp(A_log.to(us.dtype))
+    ys = selective_scan_fn(us, deltas, A.reshape(K * dim, 1), Bs, Cs, Ds.reshape(-1).to(us.dtype),
                            dt_bias.reshape(-1).to(us.dtype), delta_softplus=True, out_float=True, backend="torch")
     return _merge_routes(ys.view(batch, K, dim, -1), positions).view(batch, height, width, dim)
 
 
-def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A, Ds):
+def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     """Gradients of _fused_core_torch (the backward op off CUDA, where an op body cannot re-enter autograd)."""
     batch, height, width, dim = x.shape
     length = height * width
     us, deltas, Bs, Cs, rank_rows, positions = _route_inputs(x, x_dbl, dt_weight)
     dtype = us.dtype
+    A = -torch.exp(A_log.to(dtype))
     dy_t = dy.to(dtype).reshape(batch, length, dim).transpose(1, 2)
     dys = torch.stack([dy_t[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
     du, ddelta, dA, dB, dC, dD, dbias = torch_scan.scan_backward(
-        dys, us, deltas, A.reshape(K * dim, 1).to(dtype), Bs, Cs, Ds.reshape(-1).to(dtype),
+        dys, us, deltas, A.reshape(K * dim, 1), Bs, Cs, Ds.reshape(-1).to(dtype),
         dt_bias.reshape(-1).to(dtype), True)
     dx = _merge_routes(du.view(batch, K, dim, length), positions)
     ddelta = ddelta.view(batch, K, dim, length)
@@ -180,21 +183,21 @@ def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A, Ds):
     d_rows[..., 2:2 + rank_rows.shape[-1]] = torch.einsum("bkdl,kdr->blkr", ddelta_natural, dt_weight.to(dtype))
     ddt_weight = torch.einsum("bkdl,blkr->kdr", ddelta_natural, rank_rows)
     return (dx.to(x.dtype).view(x.shape), d_rows.view(x_dbl.shape).to(x_dbl.dtype), ddt_weight.to(dt_weight.dtype),
-            dbias.view(K, dim).to(dt_bias.dtype), dA.view(K, dim).to(A.dtype), dD.view(K, dim).to(Ds.dtype))
+            dbias.view(K, dim).to(dt_bias.dtype), (dA.view(K, dim) * A).to(A_log.dtype), dD.view(K, dim).to(Ds.dtype))
 
 
 @torch.library.custom_op("selective_scan::ss2d_fwd", mutates_args=())
-def ss2d_fwd(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor) -> tuple[Tensor, Tensor]:
+def ss2d_fwd(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> tuple[Tensor, Tensor]:
     """Returns (y, checkpoints): y (B, H, W, D) fp32; checkpoints are the CUDA kernel's saved states for the
     backward (empty off CUDA)."""
     if x.is_cuda:
-        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A, Ds)
+        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
         return y, ckpt
-    return _fused_core_torch(x, x_dbl, dt_weight, dt_bias, A, Ds), x.new_empty(0, dtype=torch.float32)
+    return _fused_core_torch(x, x_dbl, dt_weight, dt_bias, A_log, Ds), x.new_empty(0, dtype=torch.float32)
 
 
 @ss2d_fwd.register_fake
-def _ss2d_fwd_fake(x, x_dbl, dt_weight, dt_bias, A, Ds):
+def _ss2d_fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     batch, height, width, dim = x.shape
     y = x.new_empty(x.shape, dtype=torch.float32)
     if x.device.type != "cuda":
@@ -204,18 +207,18 @@ def _ss2d_fwd_fake(x, x_dbl, dt_weight, dt_bias, A, Ds):
 
 
 @torch.library.custom_op("selective_scan::ss2d_bwd", mutates_args=())
-def ss2d_bwd(dy: Tensor, x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, Ds: Tensor,
+def ss2d_bwd(dy: Tensor, x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor,
              ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx (x's dtype), dx_dbl, d dt_weight, d dt_bias, dA, dDs), the last five fp32."""
+    """Returns (dx (x's dtype), dx_dbl, d dt_weight, d dt_bias, dA_log, dDs), the last five fp32."""
     if x.is_cuda:
-        return tuple(torch.ops.selective_scan_ss2d.bwd(dy, x, x_dbl, dt_weight, dt_bias, A, Ds, ckpt))
-    return _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A, Ds)
+        return tuple(torch.ops.selective_scan_ss2d.bwd(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt))
+    return _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds)
 
 
 @ss2d_bwd.register_fake
-def _ss2d_bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A, Ds, ckpt):
+def _ss2d_bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
     return (torch.empty_like(x), torch.empty_like(x_dbl), torch.empty_like(dt_weight), torch.empty_like(dt_bias),
-            torch.empty_like(A), torch.empty_like(Ds))
+            torch.empty_like(A_log), torch.empty_like(Ds))
 
 
 def _setup_context(ctx, inputs, output):
@@ -291,10 +294,16 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
         raise RuntimeError(f"ss2d_core: backend='fused' requested but {reason}")
     if backend == "reference" or (backend is None and (reason is not None or not x.is_cuda)):
         return ss2d_core_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
+    return fused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
 
+
+def fused_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
+               Ds: Tensor, channel_first: bool = True) -> Tensor:
+    """The fused path of ss2d_core without its argument checks, for callers that have checked the call with
+    fused_unsupported_reason and whose parameters have SS2D's shapes (the SS2D module)."""
     dim = x.shape[1]
     x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels-last storage
     y, _ = torch.ops.selective_scan.ss2d_fwd(
         x_last, project(x_last, x_proj_weight), dt_projs_weight.float().contiguous(), dt_projs_bias.float().contiguous(),
-        -torch.exp(A_logs.float()).view(K, dim), Ds.float().view(K, dim))
+        A_logs.float().view(K, dim), Ds.float().view(K, dim))
     return _as_output(y, channel_first)
