@@ -10,10 +10,13 @@ cross-entropy, backward, no optimizer step) and the training step's peak allocat
 flag that VMAMBA_SS2D_FUSED=0 clears); --compile adds torch.compile(model) rows for VMamba-T. The last table
 is benchmarks/bench_ss2d.py's op measurement at the VMamba-T stage-1 shape (fused vs unfused forward and
 forward+backward, bytes per element and bandwidth against the card's copy bandwidth measured in the same run).
+The environment line gives host_us_per_op, the CPU time of one tiny CUDA op: where a model is launch-bound its
+img/s scale with it, so tables from machines with different CPUs compare only with that in mind.
 """
 import argparse
 import json
 import platform
+import time
 
 import torch
 
@@ -51,6 +54,20 @@ def measure(name, variant, args, device):
     return row
 
 
+def host_us_per_op(device, calls=2000):
+    """Host time of one tiny CUDA op (the GPU idles): the eager models here are partly launch-bound, so their
+    img/s depend on the machine's CPU as well as on the GPU; this puts a number on the CPU."""
+    x = torch.zeros(8, device=device)
+    for _ in range(100):
+        x.add_(1)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        x.add_(1)
+    torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(VMAMBA + BASELINES))
@@ -80,7 +97,8 @@ def main():
     columns = ["model", "variant", "params_m"] + [f"{mode}_img_s" for mode in MODES] + ["train_mem_gib"]
     environment = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                    "python": platform.python_version(), "batch_size": args.batch_size, "img_size": 224,
-                   "warmup": args.warmup, "iters": args.iters, "amp_dtype": "float16"}
+                   "warmup": args.warmup, "iters": args.iters, "amp_dtype": "float16",
+                   "host_us_per_op": round(host_us_per_op(device), 2)}
     print(f"\n{environment}")
     print(format_table(rows, columns))
     swin = next((r for r in rows if r["model"] == BASELINES[0] and "infer_amp_img_s" in r), None)
