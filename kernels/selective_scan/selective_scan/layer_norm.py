@@ -29,14 +29,8 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_CHANNELS = 1024
 
 
-def _cuda_ops_loaded() -> bool:
-    try:
-        return ops.extension_built() and hasattr(torch.ops.selective_scan_ln, "fwd")
-    except RuntimeError:
-        return False
-
-
-_CUDA_OPS = _cuda_ops_loaded()  # fixed at import; a constant keeps the dispatch rule traceable by dynamo
+# fixed at import; a constant keeps the dispatch rule traceable by dynamo
+_CUDA_OPS = ops.dispatcher_ops_loaded("selective_scan_ln")
 
 if _CUDA_OPS:
     @torch.library.register_fake("selective_scan_ln::fwd")

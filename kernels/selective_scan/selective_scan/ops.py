@@ -40,6 +40,15 @@ def cuda_available() -> bool:
     return _C is not None and torch.cuda.is_available()
 
 
+def dispatcher_ops_loaded(namespace: str) -> bool:
+    """True when the extension has registered the dispatcher ops ``namespace::fwd`` / ``::bwd`` (it does so when
+    it is imported, above)."""
+    try:
+        return _C is not None and hasattr(getattr(torch.ops, namespace), "fwd")
+    except RuntimeError:
+        return False
+
+
 def build_info() -> str:
     """One line saying what this installation can run."""
     if _C is not None:

@@ -38,15 +38,8 @@ SUPPORTED_KV = (8, 16, 32)  # x_dbl row widths the CUDA kernels are compiled for
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _cuda_ops_loaded() -> bool:
-    """The extension registers selective_scan_ss2d::fwd / ::bwd when it is imported (by ops.py)."""
-    try:
-        return ops.extension_built() and hasattr(torch.ops.selective_scan_ss2d, "fwd")
-    except RuntimeError:
-        return False
-
-
-_CUDA_OPS = _cuda_ops_loaded()  # fixed at import; a constant keeps the dispatch rule traceable by dynamo
+# fixed at import; a constant keeps the dispatch rule traceable by dynamo
+_CUDA_OPS = ops.dispatcher_ops_loaded("selective_scan_ss2d")
 
 
 def fused_available() -> bool:
