@@ -13,29 +13,12 @@
 #            (+ torch.compile of VMamba-T), then the stage-1 SS2D op alone
 #   profile  benchmarks/profile_model.py: VMamba-T's kernel table under AMP, inference and training
 #
-# It installs the carried wheels (.whl/, staged by benchmarks/stage_device_wheels.sh) and builds the selective-scan
-# extension for the card first. Logs and results go under $OUT (default ./device_out).
+# It installs the carried wheels and builds the selective-scan extension for the card first (device_setup.sh). Logs and results go under $OUT (default ./device_out).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_out}"
 mkdir -p "$OUT"
-export PYTHON=python3 PYTHONUNBUFFERED=1
-SITE=/tmp/site
-KERNEL_SITE=/tmp/selective_scan_site
-
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" .whl/*.whl \
-  || { echo "wheel install failed"; exit 1; }
-# a carried kernels/selective_scan/selective_scan/_C*.so (built on an earlier call) skips the build
-export PYTHONPATH="$KERNEL_SITE:$SITE:$PWD:$PWD/kernels/selective_scan"
-if ! python3 -c "import selective_scan, sys; sys.exit(not selective_scan.extension_built())" 2>/dev/null; then
-  start=$(date +%s)
-  TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 python3 -m pip install --no-build-isolation --no-deps --no-cache-dir \
-      --upgrade --target "$KERNEL_SITE" ./kernels/selective_scan >"$OUT/build.log" 2>&1 \
-    || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
-  echo "kernel build: $(( $(date +%s) - start )) s"
-fi
-python3 -c "import selective_scan, torch; print(selective_scan.build_info(), '| torch', torch.__version__)"
+source benchmarks/device_setup.sh
 
 status=0
 run_part() {

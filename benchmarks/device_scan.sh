@@ -6,21 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_scan_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-SITE=/tmp/selective_scan_site
-
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-start=$(date +%s)
-if ! TORCH_CUDA_ARCH_LIST="${SCAN_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" python3 -m pip install \
-    --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$SITE" ./kernels/selective_scan \
-    >"$OUT/build.log" 2>&1; then
-  tail -40 "$OUT/build.log"
-  echo "BUILD FAILED"
-  exit 1
-fi
-echo "build: $(( $(date +%s) - start )) s"
-export PYTHONPATH="$SITE:$PWD"
-python3 -c "import selective_scan; print(selective_scan.build_info())"
+source benchmarks/device_setup.sh
 
 python3 -m pytest -q -p no:cacheprovider --tb=short --maxfail=15 \
   tests/test_selective_scan_cuda.py tests/test_selective_scan.py >"$OUT/tests.log" 2>&1
@@ -33,9 +19,9 @@ tail -3 "$OUT/tests.log"
 if [ -n "${SCAN_VARIANT_FLAGS:-}" ]; then
   start=$(date +%s)
   TORCH_CUDA_ARCH_LIST="${SCAN_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" SELECTIVE_SCAN_NVCC_FLAGS="$SCAN_VARIANT_FLAGS" \
-    python3 -m pip install --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$SITE-variant" \
+    python3 -m pip install --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$KERNEL_SITE-variant" \
     ./kernels/selective_scan >"$OUT/build_variant.log" 2>&1 && echo "variant build: $(( $(date +%s) - start )) s" &&
-    PYTHONPATH="$SITE-variant:$PWD" python3 benchmarks/bench_scan.py >"$OUT/bench_variant.log" 2>&1
+    PYTHONPATH="$KERNEL_SITE-variant:$PWD" python3 benchmarks/bench_scan.py >"$OUT/bench_variant.log" 2>&1
   echo "## variant $SCAN_VARIANT_FLAGS"
   tail -11 "$OUT/bench_variant.log"
 fi

@@ -2,30 +2,14 @@
 # On the GPU machine: build the selective-scan extension (with the fused SS2D kernels) for the card, run the
 # fused SS2D tests (CUDA and CPU) and the model's CUDA test, then benchmark fused vs unfused SS2D.
 # Logs and JSON go to $OUT (or ./device_ss2d_out). tests/test_models.py needs yacs, which the GPU image lacks:
-# carry its wheel in .whl/ (e.g. from shared/device-wheels). SS2D_NCU=1 adds an Nsight Compute profile of the
+# carry .whl/ (benchmarks/stage_device_wheels.sh). SS2D_NCU=1 adds an Nsight Compute profile of the
 # stage-1 kernels.
 #   bash benchmarks/device_ss2d.sh [pytest -k expression]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/device_ss2d_out}"
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-SITE=/tmp/ss_site
-
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-start=$(date +%s)
-if ! TORCH_CUDA_ARCH_LIST="${SCAN_ARCH_LIST:-9.0}" MAX_JOBS="${MAX_JOBS:-16}" python3 -m pip install \
-    --no-build-isolation --no-deps --no-cache-dir --upgrade --target "$SITE" ./kernels/selective_scan \
-    >"$OUT/build.log" 2>&1; then
-  grep -E "error|Error" "$OUT/build.log" | head -40
-  echo "BUILD FAILED"
-  exit 1
-fi
-echo "build: $(( $(date +%s) - start )) s"
-if ls .whl/*.whl >/dev/null 2>&1; then  # pure-Python test dependencies missing from the image (yacs)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl || exit 1
-fi
-export PYTHONPATH="$SITE:$PWD"
+source benchmarks/device_setup.sh
 python3 -c "import selective_scan; from selective_scan import ss2d; print(selective_scan.build_info(), 'fused:', ss2d.fused_available())"
 
 start=$(date +%s)

@@ -69,6 +69,19 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   return pr;
 }
 
+// The inputs both kernels read (FwdParams and BwdParams name them alike).
+template <typename Params>
+void set_inputs(Params& p, const Problem& pr, const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
+                const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
+  p.s = pr.s;
+  p.x = x.data_ptr();
+  p.xdbl = x_dbl.data_ptr<float>();
+  p.dt_weight = dt_weight.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.A_log = A_log.data_ptr<float>();
+  p.Ds = Ds.data_ptr<float>();
+}
+
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                                        const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A_log, Ds);
@@ -79,13 +92,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
   auto ckpt = at::empty({s.batch, kRoutes, s.num_chunks, s.dim}, f32);
   if (x.numel() == 0) return {y, ckpt};
   FwdParams p{};
-  p.s = s;
-  p.x = x.data_ptr();
-  p.xdbl = x_dbl.data_ptr<float>();
-  p.dt_weight = dt_weight.data_ptr<float>();
-  p.dt_bias = dt_bias.data_ptr<float>();
-  p.A_log = A_log.data_ptr<float>();
-  p.Ds = Ds.data_ptr<float>();
+  set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   p.y = y.data_ptr<float>();
   p.ckpt = ckpt.data_ptr<float>();
   const cudaError_t status = launch_ss2d_fwd(p, dtype_of(x), pr.kv, c10::cuda::getCurrentCUDAStream().stream());
@@ -110,14 +117,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dDs = at::zeros_like(Ds);
   if (x.numel() > 0) {
     BwdParams p{};
-    p.s = s;
+    set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
     p.dy = dy.data_ptr<float>();
-    p.x = x.data_ptr();
-    p.xdbl = x_dbl.data_ptr<float>();
-    p.dt_weight = dt_weight.data_ptr<float>();
-    p.dt_bias = dt_bias.data_ptr<float>();
-    p.A_log = A_log.data_ptr<float>();
-    p.Ds = Ds.data_ptr<float>();
     p.ckpt = ckpt.data_ptr<float>();
     p.dx = dx.data_ptr<float>();
     p.dxdbl = dxdbl.data_ptr<float>();

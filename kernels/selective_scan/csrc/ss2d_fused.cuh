@@ -27,6 +27,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace selective_scan {
 namespace ss2d {
@@ -277,6 +278,26 @@ __device__ __forceinline__ float warp_reduce_scatter(float (&v)[kV], int lane) {
 
 template <int kV>
 constexpr int log2_kv() { return kV == 8 ? 3 : kV == 16 ? 4 : 5; }
+
+// launch(element tag, std::integral_constant<int, kV>) for x's dtype and the x_dbl row width kv: the one place
+// that maps the runtime choices onto the compiled kernel instances (forward and backward).
+template <typename Launch>
+cudaError_t dispatch_dtype_kv(Dtype dtype, int kv, Launch&& launch) {
+  auto with_kv = [&](auto tag) -> cudaError_t {
+    switch (kv) {
+      case 8: return launch(tag, std::integral_constant<int, 8>{});
+      case 16: return launch(tag, std::integral_constant<int, 16>{});
+      case 32: return launch(tag, std::integral_constant<int, 32>{});
+      default: return cudaErrorInvalidValue;
+    }
+  };
+  switch (dtype) {
+    case Dtype::kFloat32: return with_kv(float{});
+    case Dtype::kFloat16: return with_kv(__half{});
+    case Dtype::kBFloat16: return with_kv(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
 
 #endif  // __CUDACC__
 

@@ -60,33 +60,11 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 4) ss2d_fwd_kernel(co
   }
 }
 
-namespace {
-
-template <typename T, int kV>
-cudaError_t launch_fwd_typed(const FwdParams& p, cudaStream_t stream) {
-  ss2d_fwd_kernel<T, kV><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
-  return cudaGetLastError();
-}
-
-template <typename T>
-cudaError_t launch_fwd_kv(const FwdParams& p, int kv, cudaStream_t stream) {
-  switch (kv) {
-    case 8: return launch_fwd_typed<T, 8>(p, stream);
-    case 16: return launch_fwd_typed<T, 16>(p, stream);
-    case 32: return launch_fwd_typed<T, 32>(p, stream);
-    default: return cudaErrorInvalidValue;
-  }
-}
-
-}  // namespace
-
 cudaError_t launch_ss2d_fwd(const FwdParams& p, Dtype dtype, int kv, cudaStream_t stream) {
-  switch (dtype) {
-    case Dtype::kFloat32: return launch_fwd_kv<float>(p, kv, stream);
-    case Dtype::kFloat16: return launch_fwd_kv<__half>(p, kv, stream);
-    case Dtype::kBFloat16: return launch_fwd_kv<__nv_bfloat16>(p, kv, stream);
-  }
-  return cudaErrorInvalidValue;
+  return dispatch_dtype_kv(dtype, kv, [&](auto tag, auto width) {
+    ss2d_fwd_kernel<decltype(tag), decltype(width)::value><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
+    return cudaGetLastError();
+  });
 }
 
 }  // namespace ss2d
