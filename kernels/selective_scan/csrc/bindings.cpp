@@ -10,6 +10,7 @@
 #include <string>
 #include <vector>
 
+#include "scalar_kind.h"
 #include "scan_common.cuh"
 
 #ifndef SELECTIVE_SCAN_BUILD_INFO
@@ -18,17 +19,6 @@
 
 namespace selective_scan {
 namespace {
-
-ScalarKind scalar_kind(const at::Tensor& t, const char* name) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarKind::kFloat32;
-    case at::kHalf: return ScalarKind::kFloat16;
-    case at::kBFloat16: return ScalarKind::kBFloat16;
-    default: TORCH_CHECK(false, "selective_scan: `", name, "` must be float32, float16 or bfloat16, got ",
-                         t.scalar_type());
-  }
-  return ScalarKind::kFloat32;
-}
 
 void check_input(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t dims, const at::Tensor& u) {
   TORCH_CHECK(t.is_cuda(), "selective_scan: `", name, "` must be a CUDA tensor");
@@ -82,7 +72,7 @@ std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const 
                             const at::Tensor& C, const std::optional<at::Tensor>& D,
                             const std::optional<at::Tensor>& delta_bias, bool softplus, bool out_float) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 3 && u.is_contiguous(), "selective_scan: `u` must be a contiguous 3-D CUDA tensor");
-  const ScalarKind kind = scalar_kind(u, "u");
+  const ScalarKind kind = scalar_kind(u, "selective_scan", "u");
   const c10::cuda::CUDAGuard guard(u.device());
   ScanShape s = make_shape(u, delta, A, B, C, D, delta_bias, softplus);
   auto out = at::empty(u.sizes(), u.options().dtype(out_float ? at::kFloat : u.scalar_type()));
@@ -122,7 +112,7 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const std::optional<at::Tens
                             const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& delta_bias,
                             const at::Tensor& checkpoints, bool softplus) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 3 && u.is_contiguous(), "selective_scan: `u` must be a contiguous 3-D CUDA tensor");
-  const ScalarKind kind = scalar_kind(u, "u");
+  const ScalarKind kind = scalar_kind(u, "selective_scan", "u");
   const c10::cuda::CUDAGuard guard(u.device());
   ScanShape s = make_shape(u, delta, A, B, C, D, delta_bias, softplus);
   TORCH_CHECK(dout.is_cuda() && dout.sizes() == u.sizes() && dout.is_contiguous() &&

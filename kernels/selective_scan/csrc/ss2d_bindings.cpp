@@ -9,21 +9,12 @@
 #include <algorithm>
 #include <tuple>
 
+#include "scalar_kind.h"
 #include "ss2d_fused.cuh"
 
 namespace selective_scan {
 namespace ss2d {
 namespace {
-
-Dtype dtype_of(const at::Tensor& x) {
-  switch (x.scalar_type()) {
-    case at::kFloat: return Dtype::kFloat32;
-    case at::kHalf: return Dtype::kFloat16;
-    case at::kBFloat16: return Dtype::kBFloat16;
-    default: TORCH_CHECK(false, "ss2d: `x` must be float32, float16 or bfloat16, got ", x.scalar_type());
-  }
-  return Dtype::kFloat32;
-}
 
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes, const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "ss2d: `", name, "` is on ", t.device(), ", `x` on ", x.device());
@@ -35,16 +26,17 @@ void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntA
 struct Problem {
   Shape s;
   int kv;
+  ScalarKind kind;  // x's dtype
 };
 
 // x (B, H, W, D); x_dbl (B, H, W, K * kV) fp32; dt_weight (K, D, R); dt_bias, A_log, Ds (K, D) fp32.
 Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                      const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "ss2d: `x` must be a contiguous (B, H, W, D) CUDA tensor");
-  dtype_of(x);
   TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kRoutes, "ss2d: `dt_weight` must be (4, D, R)");
   TORCH_CHECK(x_dbl.dim() == 4 && x_dbl.size(3) % kRoutes == 0, "ss2d: `x_dbl` must be (B, H, W, 4 * kV)");
   Problem pr{};
+  pr.kind = scalar_kind(x, "ss2d", "x");
   Shape& s = pr.s;
   s.batch = static_cast<int>(x.size(0));
   s.height = static_cast<int>(x.size(1));
@@ -95,7 +87,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
   set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   p.y = y.data_ptr<float>();
   p.ckpt = ckpt.data_ptr<float>();
-  const cudaError_t status = launch_ss2d_fwd(p, dtype_of(x), pr.kv, c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t status = launch_ss2d_fwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "ss2d: forward launch failed: ", cudaGetErrorString(status));
   return {y, ckpt};
 }
@@ -126,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.ddt_bias = ddt_bias.data_ptr<float>();
     p.dA_log = dA_log.data_ptr<float>();
     p.dDs = dDs.data_ptr<float>();
-    const cudaError_t status = launch_ss2d_bwd(p, dtype_of(x), pr.kv, c10::cuda::getCurrentCUDAStream().stream());
+    const cudaError_t status = launch_ss2d_bwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status == cudaSuccess, "ss2d: backward launch failed: ", cudaGetErrorString(status));
   }
   return {dx.to(x.scalar_type()), dxdbl, ddt_weight.transpose(1, 2).contiguous(), ddt_bias, dA_log, dDs};

@@ -29,15 +29,15 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "scan_common.cuh"  // ScalarKind, kFullMask, kLog2e
+
 namespace selective_scan {
 namespace ss2d {
 
 constexpr int kRoutes = 4;
-constexpr int kLanes = 32;
+constexpr int kLanes = kWarpSize;
 constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, channel group)
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr float kSoftplusThreshold = 20.f;
-constexpr float kLog2e = 1.4426950408889634f;
 
 // x_dbl row of one route at one position: [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
 // two (8, 16, 32) so the row is whole 16-byte words and the cross-lane reduction of its gradient is a plain
@@ -47,8 +47,6 @@ constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32; }
 // registers, so wide x_dbl rows (more registers for W_dt and its gradient) get shorter chunks. ss2d.py
 // chunk_for_kv mirrors this rule.
 constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : 8; }
-
-enum class Dtype { kFloat32, kFloat16, kBFloat16 };
 
 struct Shape {
   int batch, height, width, length, dim;  // length L = H * W, dim = D channels
@@ -87,8 +85,8 @@ struct BwdParams {
   float* dDs;              // (K, D), zero-initialised
 };
 
-cudaError_t launch_ss2d_fwd(const FwdParams& p, Dtype dtype, int kv, cudaStream_t stream);
-cudaError_t launch_ss2d_bwd(const BwdParams& p, Dtype dtype, int kv, cudaStream_t stream);
+cudaError_t launch_ss2d_fwd(const FwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream);
+cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream);
 
 // One warp per (batch, channel group, route), one block per (batch, channel group).
 inline unsigned num_blocks(const Shape& s) { return static_cast<unsigned>(static_cast<long>(s.batch) * s.groups); }
@@ -282,7 +280,7 @@ constexpr int log2_kv() { return kV == 8 ? 3 : kV == 16 ? 4 : 5; }
 // launch(element tag, std::integral_constant<int, kV>) for x's dtype and the x_dbl row width kv: the one place
 // that maps the runtime choices onto the compiled kernel instances (forward and backward).
 template <typename Launch>
-cudaError_t dispatch_dtype_kv(Dtype dtype, int kv, Launch&& launch) {
+cudaError_t dispatch_dtype_kv(ScalarKind dtype, int kv, Launch&& launch) {
   auto with_kv = [&](auto tag) -> cudaError_t {
     switch (kv) {
       case 8: return launch(tag, std::integral_constant<int, 8>{});
@@ -292,9 +290,9 @@ cudaError_t dispatch_dtype_kv(Dtype dtype, int kv, Launch&& launch) {
     }
   };
   switch (dtype) {
-    case Dtype::kFloat32: return with_kv(float{});
-    case Dtype::kFloat16: return with_kv(__half{});
-    case Dtype::kBFloat16: return with_kv(__nv_bfloat16{});
+    case ScalarKind::kFloat32: return with_kv(float{});
+    case ScalarKind::kFloat16: return with_kv(__half{});
+    case ScalarKind::kBFloat16: return with_kv(__nv_bfloat16{});
   }
   return cudaErrorInvalidValue;
 }

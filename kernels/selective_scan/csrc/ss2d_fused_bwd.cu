@@ -124,7 +124,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 3) ss2d_bwd_kernel(co
   atomicAdd(p.dDs + kd, acc.dD);
 }
 
-cudaError_t launch_ss2d_bwd(const BwdParams& p, Dtype dtype, int kv, cudaStream_t stream) {
+cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream) {
   return dispatch_dtype_kv(dtype, kv, [&](auto tag, auto width) {
     ss2d_bwd_kernel<decltype(tag), decltype(width)::value><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
     return cudaGetLastError();

@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 4) ss2d_fwd_kernel(co
   }
 }
 
-cudaError_t launch_ss2d_fwd(const FwdParams& p, Dtype dtype, int kv, cudaStream_t stream) {
+cudaError_t launch_ss2d_fwd(const FwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream) {
   return dispatch_dtype_kv(dtype, kv, [&](auto tag, auto width) {
     ss2d_fwd_kernel<decltype(tag), decltype(width)::value><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
     return cudaGetLastError();
