@@ -16,7 +16,7 @@ position, channel) element, with s the bytes of x's dtype: forward s + 4 (x read
 forward+backward 8 + 3s (plus dy read 4, x read s, dx written s). x_dbl (4 kV fp32 per position, < 1 B per
 element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured in the same run.
 
-    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--json out.json]
+    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--json out.json]
 """
 
 import argparse
@@ -38,20 +38,23 @@ def time_gpu(fn):
     return bench_scan.time_gpu(fn, warmup=5, repeat=20)
 
 
-def stage_shape(stage):
+def stage_shape(stage, image):
+    """(d_model, D, dt rank, map height, map width) of VMamba-T's stage at input size image = (H, W): the stem
+    and every downsample halve the map, rounding up."""
     d_model = 96 * 2 ** (stage - 1)
-    return d_model, 2 * d_model, math.ceil(d_model / 16), 56 // 2 ** (stage - 1)
+    height, width = (math.ceil(side / 2 ** (stage + 1)) for side in image)
+    return d_model, 2 * d_model, math.ceil(d_model / 16), height, width
 
 
-def bench_stage(stage, batch, dtype):
-    d_model, dim, rank, side = stage_shape(stage)
+def bench_stage(stage, batch, dtype, image=(224, 224)):
+    d_model, dim, rank, height, width = stage_shape(stage, image)
     torch.manual_seed(stage)
     module = SS2D(d_model=d_model, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", conv_bias=False,
                   channel_first=True).cuda()
     params = [getattr(module, name) for name in PARAMS]
-    x = torch.randn(batch, dim, side, side, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, dim, height, width, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    dy = torch.randn(batch, dim, side, side, device="cuda").contiguous(memory_format=torch.channels_last)
+    dy = torch.randn(batch, dim, height, width, device="cuda").contiguous(memory_format=torch.channels_last)
     autocast = torch.autocast("cuda", dtype=dtype)
 
     def unfused():
@@ -72,7 +75,7 @@ def bench_stage(stage, batch, dtype):
         fwd_bwd = time_gpu(lambda: torch.autograd.grad(fn(), [x, *params], dy))
         return fwd, fwd_bwd
 
-    row = dict(stage=stage, batch=batch, dim=dim, length=side * side, rank=rank, dtype=str(dtype)[6:])
+    row = dict(stage=stage, batch=batch, dim=dim, length=height * width, rank=rank, dtype=str(dtype)[6:])
     row["unfused_fwd_ms"], row["unfused_fwd_bwd_ms"] = timed(unfused)
     reason = ss2d.fused_unsupported_reason(x, rank, 1)
     if reason is not None:
@@ -93,7 +96,7 @@ def bench_stage(stage, batch, dtype):
         dy_last = dy.permute(0, 2, 3, 1)
         row["op_bwd_ms"] = time_gpu(lambda: torch.ops.selective_scan.ss2d_bwd(dy_last, *op_args, ckpt))
     s = x.element_size()
-    elements = batch * dim * side * side
+    elements = batch * dim * height * width
     row["fwd_bytes_per_element"], row["fwd_bwd_bytes_per_element"] = s + 4, 8 + 3 * s
     row["fused_fwd_tb_s"] = elements * (s + 4) / (row["fused_fwd_ms"] * 1e-3) / 1e12
     row["fused_fwd_bwd_tb_s"] = elements * (8 + 3 * s) / (row["fused_fwd_bwd_ms"] * 1e-3) / 1e12
@@ -104,19 +107,22 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
+    parser.add_argument("--image", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
+                        help="input image size the stage maps derive from (e.g. 800 1333 for detection)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
                   copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:
-        result["rows"].append(bench_stage(stage, args.batch, torch.float16))
+        result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image)))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
 
     print(f"# {result['gpu']}; torch {result['torch']}; {result['build_info']}")
-    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state 1")
+    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state 1; "
+          f"maps of a {args.image[0]}x{args.image[1]} input")
     print("| stage | B | D | L | R | unfused fwd ms | fused fwd ms | ratio | unfused fwd+bwd ms | fused fwd+bwd ms "
           "| ratio | GEMM / fwd op / bwd op ms | B/elem fwd, f+b | fused TB/s fwd, f+b | max abs diff fwd |")
     print("| " + " | ".join(["---"] * 15) + " |")

@@ -207,9 +207,11 @@ def check_op(fused, oracle, dtype):
 
 
 # (batch, D, H, W, dt rank): odd channel counts (partial warps), thin maps, maps shorter than one tile (64
-# steps) and spanning several, partial last chunks, every x_dbl width (8, 16, 32)
+# steps) and spanning several, partial last chunks, every x_dbl width (8, 16, 32). Small batches cut the
+# routes into segments of 4 chunks (several, some with a partial last one, wherever a map has more than 4
+# chunks); a batch of 300 fills an H100 with one block per (batch, channel group) and runs unsegmented.
 CUDA_SHAPES = [(2, 37, 5, 7, 6), (1, 64, 13, 11, 12), (3, 100, 1, 33, 24), (2, 32, 17, 1, 2), (1, 40, 24, 40, 6),
-               (2, 70, 9, 23, 30), (1, 33, 1, 1, 6), (2, 48, 31, 3, 12)]
+               (2, 70, 9, 23, 30), (1, 33, 1, 1, 6), (2, 48, 31, 3, 12), (300, 32, 3, 5, 6)]
 
 
 @pytest.mark.cuda

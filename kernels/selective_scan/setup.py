@@ -107,7 +107,7 @@ def cuda_extension():
     info_define = f'-DSELECTIVE_SCAN_BUILD_INFO="CUDA extension built for {arch_names} with CUDA {version}"'
     sources = [os.path.join("csrc", name) for name in (
         "bindings.cpp", "scan_fwd.cu", "scan_bwd.cu", "ss2d_bindings.cpp", "ss2d_fused_fwd.cu", "ss2d_fused_bwd.cu",
-        "layer_norm.cu")]
+        "ss2d_segments.cu", "layer_norm.cu")]
     return CUDAExtension(
         name="selective_scan._C",
         sources=sources,

@@ -1,13 +1,16 @@
-// Registers the fused SS2D kernels (ss2d_fused_*.cu) as the CUDA dispatcher ops selective_scan_ss2d::fwd /
+// Registers the fused SS2D kernels (ss2d_fused_*.cu, ss2d_segments.cu) as the CUDA dispatcher ops selective_scan_ss2d::fwd /
 // ::bwd: argument checks, allocation and launch. The public op (fake kernel, autograd rule, user-facing
 // validation, CPU path) is selective_scan/ss2d.py; these checks only keep a bad call from reaching a kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <mutex>
 #include <tuple>
+#include <unordered_map>
 
 #include "scalar_kind.h"
 #include "ss2d_fused.cuh"
@@ -56,10 +59,64 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   s.num_chunks = (s.length + chunk_for_kv(pr.kv) - 1) / chunk_for_kv(pr.kv);
   // positions * D and per-position offsets are 32-bit in the kernels; blocks are one grid dimension
   TORCH_CHECK(x.size(1) * x.size(2) * std::max<int64_t>(x.size(3), kRoutes * pr.kv) < (int64_t(1) << 31) &&
-                  x.size(0) * s.groups < (int64_t(1) << 31),
+                  x.size(0) * s.groups * s.num_chunks < (int64_t(1) << 31),
               "ss2d: the map is too large for the kernel");
   return pr;
 }
+
+// The GPU's SM count and L2 size, queried once per device (the query is a driver call; this runs per op call).
+struct GpuSize {
+  int sm_count = 0, l2_bytes = 0;
+};
+GpuSize gpu_size(int device) {
+  static std::mutex mutex;
+  static std::unordered_map<int, GpuSize> known;
+  const std::lock_guard<std::mutex> lock(mutex);
+  auto found = known.find(device);
+  if (found != known.end()) return found->second;
+  GpuSize size;
+  TORCH_CHECK(cudaDeviceGetAttribute(&size.sm_count, cudaDevAttrMultiProcessorCount, device) == cudaSuccess &&
+                  cudaDeviceGetAttribute(&size.l2_bytes, cudaDevAttrL2CacheSize, device) == cudaSuccess,
+              "ss2d: cannot query the GPU's SM count and L2 size");
+  known.emplace(device, size);
+  return size;
+}
+
+// Segments for a kernel resident at blocks_per_sm blocks per SM that keeps live_bytes_per_element bytes per
+// (position, channel) in L2 (ss2d_fused.cuh, plan_segments).
+Shape segmented(const Problem& pr, int device, int blocks_per_sm, double live_bytes_per_element) {
+  const GpuSize gpu = gpu_size(device);
+  Shape s = pr.s;
+  plan_segments(s, static_cast<long>(blocks_per_sm) * gpu.sm_count, gpu.l2_bytes, live_bytes_per_element);
+  return s;
+}
+
+// The state entering each segment (an undefined tensor for one segment): the forward state (reverse false,
+// `in` = x) or the backward carry (reverse true, `in` = dy).
+at::Tensor segment_starts(const Problem& pr, const Shape& s, bool reverse, const at::Tensor& in,
+                          const at::Tensor& x_dbl, const at::Tensor& dt_weight, const at::Tensor& dt_bias,
+                          const at::Tensor& A_log, const at::Tensor& Ds) {
+  if (s.num_segments == 1) return at::Tensor();
+  const auto f32 = in.options().dtype(at::kFloat);
+  auto summary = at::empty({s.batch, kRoutes, s.num_segments, s.dim, 2}, f32);
+  auto start = at::empty({s.batch, kRoutes, s.num_segments, s.dim}, f32);
+  SegmentParams p{};
+  p.s = s;
+  p.in = in.data_ptr();
+  p.xdbl = x_dbl.data_ptr<float>();
+  p.dt_weight = dt_weight.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.A_log = A_log.data_ptr<float>();
+  p.Ds = Ds.data_ptr<float>();
+  p.summary = reinterpret_cast<float2*>(summary.data_ptr<float>());
+  p.start = start.data_ptr<float>();
+  const cudaError_t status = launch_ss2d_segment_starts(p, reverse ? ScalarKind::kFloat32 : pr.kind, pr.kv, reverse,
+                                                        c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(status == cudaSuccess, "ss2d: segment pass launch failed: ", cudaGetErrorString(status));
+  return start;
+}
+
+const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
 
 // The inputs both kernels read (FwdParams and BwdParams name them alike).
 template <typename Params>
@@ -77,14 +134,19 @@ void set_inputs(Params& p, const Problem& pr, const at::Tensor& x, const at::Ten
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                                        const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A_log, Ds);
-  const Shape& s = pr.s;
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   auto y = at::zeros(x.sizes(), f32);
-  auto ckpt = at::empty({s.batch, kRoutes, s.num_chunks, s.dim}, f32);
+  auto ckpt = at::empty({pr.s.batch, kRoutes, pr.s.num_chunks, pr.s.dim}, f32);
   if (x.numel() == 0) return {y, ckpt};
+  // live in L2 per element: y (fp32), x, the element's share of the x_dbl rows
+  const Shape s =
+      segmented(pr, x.get_device(), kFwdBlocksPerSm, 4.0 + x.element_size() + 16.0 * pr.kv / pr.s.dim);
+  const auto start = segment_starts(pr, s, false, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   FwdParams p{};
   set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
+  p.s = s;
+  p.start = data_or_null(start);
   p.y = y.data_ptr<float>();
   p.ckpt = ckpt.data_ptr<float>();
   const cudaError_t status = launch_ss2d_fwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
@@ -108,8 +170,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dA_log = at::zeros_like(A_log);
   auto dDs = at::zeros_like(Ds);
   if (x.numel() > 0) {
+    // live in L2 per element: dy and dx (fp32), x, the element's share of the x_dbl rows and their gradient
+    const Shape segs =
+        segmented(pr, x.get_device(), kBwdBlocksPerSm, 8.0 + x.element_size() + 32.0 * pr.kv / s.dim);
+    const auto start = segment_starts(pr, segs, true, dy, x_dbl, dt_weight, dt_bias, A_log, Ds);
     BwdParams p{};
     set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
+    p.s = segs;
+    p.start = data_or_null(start);
     p.dy = dy.data_ptr<float>();
     p.ckpt = ckpt.data_ptr<float>();
     p.dx = dx.data_ptr<float>();

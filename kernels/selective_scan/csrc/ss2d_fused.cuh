@@ -5,39 +5,45 @@
 // natural position order) and its backward stay in PyTorch: a route permutation commutes with a
 // position-wise linear map.
 //
-// Work split: one warp owns one sequence (batch b, 32 consecutive channels, route k) and walks it from start
-// to end; lane = channel, so every load of x / dy and every atomic add into y / dx is one coalesced row
-// piece, and the per-position x_dbl values are warp-uniform. The warp moves a chunk of kChunk steps at a
-// time: first all of the chunk's loads (x per lane, the x_dbl rows into shared memory), then its
-// arithmetic, in which only h is sequential; so it waits for memory once per chunk, not once per step.
-// The four routes of a (batch, channel group) are the four warps of one block.
+// Work split: one warp owns one segment of one sequence (batch b, 32 consecutive channels, route k, a run of
+// consecutive steps) and walks it from start to end; lane = channel, so every load of x / dy and every atomic
+// add into y / dx is one coalesced row piece, and the per-position x_dbl values are warp-uniform. The warp
+// moves a chunk of kChunk steps at a time: first all of the chunk's loads (x per lane, the x_dbl rows into
+// shared memory), then its arithmetic, in which only h is sequential; so it waits for memory once per chunk,
+// not once per step. The four routes of a (batch, channel group, segment) are the four warps of one block.
 //
-// The forward saves the state entering every chunk; the backward walks the chunks from the last, recomputes
-// each from its checkpoint (values held in registers) and walks it in reverse.
+// Segments: where one block per (batch, channel group) would leave most of the GPU idle (small batches,
+// detection-size maps: batch 2 at 1333x800 is 12 blocks at stage 1), each route is cut into segments that run
+// in parallel. A segment's entering state comes from two passes before the main kernel (ss2d_segments.cu):
+// each segment's summary (its total dt, whose exponential is its decay, and the state it ends in when entered
+// with zero; about the main kernel's arithmetic), then a short walk over the summaries. The blocks go sample by
+// sample, and there are enough segments that the samples in flight keep their maps in L2, so the four adds a
+// position gets (one per route) are L2 rather than DRAM read-modify-writes. Full batches run unsegmented:
+// there the adds are DRAM read-modify-writes (the forward spends ~57 % of DRAM bandwidth on them at VMamba-T's
+// stage 1), but segmenting was measured slower, the summary pass doubling the arithmetic that then limits.
+//
+// The forward saves the state entering every chunk; the backward walks its segment's chunks from the last,
+// recomputes each from its checkpoint (values held in registers) and walks it in reverse.
 // No on-chip buffer scales with the map, so any H x W works (detection-size maps included).
-//
-// Measured limit (H100, VMamba-T stage 1, benchmarks/bench_ss2d.py): every sequence of the batch is in flight
-// at once, so the four adds a position gets (one per route) arrive far apart in time and each is a DRAM
-// read-modify-write: the forward runs at ~57 % of DRAM bandwidth on those, the backward at ~40 % plus
-// half its issue slots on arithmetic.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
-#include "scan_common.cuh"  // ScalarKind, kFullMask, kLog2e
+#include "scan_common.cuh"  // ScalarKind, kFullMask, kLog2e, fast_exp2, softplus
 
 namespace selective_scan {
 namespace ss2d {
 
 constexpr int kRoutes = 4;
 constexpr int kLanes = kWarpSize;
-constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, channel group)
-constexpr float kSoftplusThreshold = 20.f;
+constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, segment, channel group)
 
 // x_dbl row of one route at one position: [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
 // two (8, 16, 32) so the row is whole 16-byte words and the cross-lane reduction of its gradient is a plain
@@ -48,12 +54,39 @@ constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32; }
 // chunk_for_kv mirrors this rule.
 constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : 8; }
 
+// Blocks per SM the forward and backward kernels are compiled for (their register caps).
+constexpr int kFwdBlocksPerSm = 4;
+constexpr int kBwdBlocksPerSm = 3;
+// Shortest segment, in chunks: the summary pass and the walk over summaries cost a few steps per segment.
+constexpr int kMinSegmentChunks = 4;
+
 struct Shape {
   int batch, height, width, length, dim;  // length L = H * W, dim = D channels
   int rank;                               // R, dt rank (<= kV - 2)
   int groups;                             // ceil(D / 32) channel groups
   int num_chunks;                         // ceil(L / chunk)
+  int segment_chunks, num_segments;       // chunks per segment (the last may be shorter), ceil(chunks / that)
 };
+
+// Cuts each route into segments (sets segment_chunks, num_segments). A grid of one block per (batch, channel
+// group) that fills at least half of the resident_blocks slots runs unsegmented: the summary pass costs about
+// as much arithmetic as the main kernel, which is what limits both (measured in BENCHMARKS.md). A smaller one
+// (small batches, detection-size maps) gets enough segments to cover the resident blocks twice and to keep the
+// samples in flight (blocks go sample by sample) within half the L2 cache, with bytes_per_element bytes per
+// (position, channel) live there; no segment is shorter than kMinSegmentChunks chunks.
+inline void plan_segments(Shape& s, long resident_blocks, long l2_bytes, double bytes_per_element) {
+  const double unsegmented_blocks = static_cast<double>(s.batch) * s.groups;
+  long wanted = 1;
+  if (2 * unsegmented_blocks < resident_blocks) {
+    const double for_fill = 2.0 * resident_blocks / unsegmented_blocks;
+    const double sample_bytes = static_cast<double>(s.length) * s.dim * bytes_per_element;
+    const double for_cache = resident_blocks * sample_bytes / (s.groups * (l2_bytes / 2.0));
+    wanted = static_cast<long>(std::ceil(std::max(for_fill, for_cache)));
+  }
+  const long per_segment = (s.num_chunks + wanted - 1) / wanted;
+  s.segment_chunks = static_cast<int>(std::max<long>(std::min<long>(kMinSegmentChunks, s.num_chunks), per_segment));
+  s.num_segments = (s.num_chunks + s.segment_chunks - 1) / s.segment_chunks;
+}
 
 struct FwdParams {
   Shape s;
@@ -63,6 +96,7 @@ struct FwdParams {
   const float* dt_bias;    // (K, D)
   const float* A_log;      // (K, D); A = -exp(A_log)
   const float* Ds;         // (K, D)
+  const float* start;      // (B, K, num_segments, D): state entering each segment; null for one segment
   float* y;                // (B, L, D), zero-initialised, accumulated with atomics
   float* ckpt;             // (B, K, num_chunks, D): state entering each chunk
 };
@@ -77,6 +111,7 @@ struct BwdParams {
   const float* A_log;
   const float* Ds;
   const float* ckpt;
+  const float* start;      // (B, K, num_segments, D): gradient carry entering each segment from its end
   float* dx;               // (B, L, D) fp32, zero-initialised
   float* dxdbl;            // (B, L, K, kV), zero-initialised
   float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
@@ -85,11 +120,30 @@ struct BwdParams {
   float* dDs;              // (K, D), zero-initialised
 };
 
+// The passes that give every segment its entering state (ss2d_segments.cu).
+struct SegmentParams {
+  Shape s;
+  const void* in;          // x (forward; x's dtype) or dy (backward; fp32), (B, L, D)
+  const float* xdbl;
+  const float* dt_weight;
+  const float* dt_bias;
+  const float* A_log;
+  const float* Ds;
+  float2* summary;         // (B, K, num_segments, D): (total dt, end state entered with zero)
+  float* start;            // (B, K, num_segments, D)
+};
+
 cudaError_t launch_ss2d_fwd(const FwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream);
 cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream);
+// Fills p.start: the forward state (reverse false, p.in = x of kind `dtype`) or the backward carry (reverse
+// true, p.in = dy, fp32) entering each segment.
+cudaError_t launch_ss2d_segment_starts(const SegmentParams& p, ScalarKind dtype, int kv, bool reverse,
+                                       cudaStream_t stream);
 
-// One warp per (batch, channel group, route), one block per (batch, channel group).
-inline unsigned num_blocks(const Shape& s) { return static_cast<unsigned>(static_cast<long>(s.batch) * s.groups); }
+// One warp per (batch, channel group, segment, route), one block per (batch, segment, channel group).
+inline unsigned num_blocks(const Shape& s) {
+  return static_cast<unsigned>(static_cast<long>(s.batch) * s.num_segments * s.groups);
+}
 
 #ifdef __CUDACC__
 
@@ -100,9 +154,9 @@ template <> __device__ __forceinline__ float load_float<__nv_bfloat16>(const __n
   return __bfloat162float(__ldg(p));
 }
 
-// The warp's sequence and the thread's place in it.
+// The warp's sequence segment and the thread's place in it.
 struct Task {
-  int b, k, group, lane, d;
+  int b, k, group, segment, lane, d;
   bool active;    // d < D
   int d_ld;       // d, clamped into range: inactive lanes load (and add zeros) there
   float on;       // 1 for active lanes, 0 for inactive ones (multiplies what they add)
@@ -111,7 +165,9 @@ struct Task {
     lane = threadIdx.x % kLanes;
     k = threadIdx.x / kLanes;
     group = blockIdx.x % s.groups;
-    b = blockIdx.x / s.groups;
+    const int sample_block = blockIdx.x / s.groups;
+    segment = sample_block % s.num_segments;
+    b = sample_block / s.num_segments;
     d = group * kLanes + lane;
     active = d < s.dim;
     d_ld = active ? d : s.dim - 1;
@@ -120,6 +176,15 @@ struct Task {
   // (b, k, index, d) offset into a (B, K, count, D) array
   __device__ __forceinline__ long bkd(const Shape& s, int index, int count) const {
     return ((static_cast<long>(b) * kRoutes + k) * count + index) * s.dim + d;
+  }
+  // chunks [first_chunk, end_chunk) of the segment
+  __device__ __forceinline__ int first_chunk(const Shape& s) const { return segment * s.segment_chunks; }
+  __device__ __forceinline__ int end_chunk(const Shape& s) const {
+    return min(first_chunk(s) + s.segment_chunks, s.num_chunks);
+  }
+  // the state entering the segment from `start` (zero without one)
+  __device__ __forceinline__ float segment_start(const Shape& s, const float* start) const {
+    return start != nullptr && active ? start[bkd(s, segment, s.num_segments)] : 0.f;
   }
 };
 
@@ -188,30 +253,6 @@ __device__ __forceinline__ float dt_preact(const RouteParams<kV - 2>& rp, const 
 #pragma unroll
   for (int j = 0; j < kV - 2; ++j) z = fmaf(rp.w[j], v[2 + j], z);
   return z;
-}
-
-// log1p(e) for e = exp(z) >= 0: a degree-7 series below 1/8 (truncation < 6e-8 relative), the MUFU log2 of
-// 1 + e above (log2(1 + e) >= 0.17 there, so its 2^-22 absolute error is < 2e-6 relative). About 12
-// instructions instead of about 25 for log1pf.
-__device__ __forceinline__ float log1p_of_exp(float e) {
-  const float series =
-      e * fmaf(e, fmaf(e, fmaf(e, fmaf(e, fmaf(e, fmaf(e, 1.f / 7, -1.f / 6), 1.f / 5), -1.f / 4), 1.f / 3), -0.5f), 1.f);
-  return e < 0.125f ? series : __log2f(1.f + e) * 0.6931471805599453f;
-}
-
-// dt = softplus(z) with PyTorch's threshold (z above 20), without branches. exp(z) by the MUFU: relative
-// error about 6e-8 |z| + 2e-7, so dt is within ~1e-6 relative of log1p(exp(z)) (the tolerance on y is 6e-4).
-__device__ __forceinline__ float softplus(float z) {
-  const float sp = log1p_of_exp(__expf(fminf(z, kSoftplusThreshold)));
-  return z > kSoftplusThreshold ? z : sp;
-}
-// ... and slope = d dt / d z = e / (1 + e) (1 above the threshold).
-__device__ __forceinline__ float softplus(float z, float& slope) {
-  const float e = __expf(fminf(z, kSoftplusThreshold));
-  const bool linear = z > kSoftplusThreshold;
-  slope = linear ? 1.f : __fdividef(e, 1.f + e);
-  const float sp = log1p_of_exp(e);
-  return linear ? z : sp;
 }
 
 // Per-warp shared-memory copy of a chunk's x_dbl rows: the rows are warp-uniform, so they are fetched once

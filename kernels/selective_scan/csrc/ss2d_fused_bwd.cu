@@ -1,6 +1,7 @@
 // Fused SS2D backward (see ss2d_fused.cuh). The gradient reaching h_t is dh_t = C_t dy_t + g_{t+1} with the
-// carry g_t = a_t dh_t. Each warp walks its route's chunks from the last: loads the chunk, recomputes its
-// forward from the checkpoint (h, dt, dt's slope, x, dy kept in registers), then walks it in reverse.
+// carry g_t = a_t dh_t. Each warp walks its route segment's chunks from the last, starting from the carry
+// entering the segment from its end: loads the chunk, recomputes its forward from the checkpoint (h, dt, dt's
+// slope, x, dy kept in registers), then walks it in reverse.
 //
 // Per step, dx (lane = channel) is an atomic add into fp32 dx, and the per-position gradient of the route's
 // x_dbl row ([dB, dC, d(dt-rank)...], each a sum over channels) is reduced across the warp's 32 channels
@@ -47,8 +48,11 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
     if (kFull || i < n) {
       float v[kV];
       stage.read(i, v);
-      dts[i] = softplus(dt_preact<kV>(rp, v), slopes[i]);
-      hs[i + 1] = fmaf(exp2f(dts[i] * rp.A2), hs[i], dts[i] * v[0] * xv[i]);
+      const float z = dt_preact<kV>(rp, v);
+      float e;
+      dts[i] = softplus(z, e);
+      slopes[i] = softplus_slope(z, e);
+      hs[i + 1] = fmaf(fast_exp2(dts[i] * rp.A2), hs[i], dts[i] * v[0] * xv[i]);
     }
   }
   __syncwarp();  // re-read the rows below rather than keep the whole chunk's rows in registers
@@ -59,7 +63,7 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       const int pos = cur.pos;
       float v[kV];
       stage.read(i, v);
-      const float Bt = v[0], Ct = v[1], dt = dts[i], a = exp2f(dt * rp.A2), xt = xv[i], dyt = dyv[i];
+      const float Bt = v[0], Ct = v[1], dt = dts[i], a = fast_exp2(dt * rp.A2), xt = xv[i], dyt = dyv[i];
       // y_t = C h_t + D x_t
       const float dh = fmaf(Ct, dyt, g);
       acc.dD = fmaf(dyt, xt, acc.dD);
@@ -85,11 +89,11 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
   }
 }
 
-// Gradients of the warp's route, chunk by chunk from its end. Unbounded, the compiler keeps ~190 registers
+// Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190 registers
 // (a chunk's recomputed values plus its loads in flight); capped at 168 (3 blocks, 12 warps per SM) it
 // spills at most a few words.
 template <typename T, int kV>
-__global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 3) ss2d_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
   constexpr int kR = kV - 2;
   __shared__ RowStage<kV> stages[kWarpsPerBlock];
@@ -105,8 +109,8 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 3) ss2d_bwd_kernel(co
   // this lane's entry of the route's x_dbl row after warp_reduce_scatter
   float* dxdbl = p.dxdbl + static_cast<long>(task.b) * s.length * kRoutes * kV + task.k * kV +
                  (task.lane >> (5 - log2_kv<kV>()));
-  float g = 0.f;  // gradient carry from the right
-  for (int c = s.num_chunks - 1; c >= 0; --c) {
+  float g = task.segment_start(s, p.start);  // gradient carry from the right
+  for (int c = task.end_chunk(s) - 1; c >= task.first_chunk(s); --c) {
     const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
     if (n == kChunk) {
       backward_chunk<T, kV, true>(p, task, rp, acc, stage, x, dy, dx, dxdbl, t0, n, g);

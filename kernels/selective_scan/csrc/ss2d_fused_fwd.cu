@@ -1,5 +1,6 @@
-// Fused SS2D forward (see ss2d_fused.cuh): each warp walks its route chunk by chunk, saves the state entering
-// every chunk for the backward, and adds C h + D x into y at every position.
+// Fused SS2D forward (see ss2d_fused.cuh): each warp walks its route segment chunk by chunk from the state
+// entering the segment, saves the state entering every chunk for the backward, and adds C h + D x into y at
+// every position.
 #include "ss2d_fused.cuh"
 
 namespace selective_scan {
@@ -28,8 +29,9 @@ __device__ __forceinline__ void forward_chunk(const FwdParams& p, const Task& ta
     if (kFull || i < n) {
       float v[kV];
       stage.read(i, v);
-      const float dt = softplus(dt_preact<kV>(rp, v));
-      h = fmaf(exp2f(dt * rp.A2), h, dt * v[0] * xv[i]);
+      float e;
+      const float dt = softplus(dt_preact<kV>(rp, v), e);
+      h = fmaf(fast_exp2(dt * rp.A2), h, dt * v[0] * xv[i]);
       atomicAdd(y + off[i], task.on * fmaf(v[1], h, rp.Dk * xv[i]));
     }
   }
@@ -37,7 +39,7 @@ __device__ __forceinline__ void forward_chunk(const FwdParams& p, const Task& ta
 
 // Capped at 128 registers (4 blocks, 16 warps per SM; unbounded it takes ~130).
 template <typename T, int kV>
-__global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 4) ss2d_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kFwdBlocksPerSm) ss2d_fwd_kernel(const FwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
   __shared__ RowStage<kV> stages[kWarpsPerBlock];
   const Shape& s = p.s;
@@ -47,11 +49,12 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, 4) ss2d_fwd_kernel(co
   const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
   const T* x = static_cast<const T*>(p.x) + base;
   float* y = p.y + base;
-  float h = 0.f;
-  Cursor cur(s, task.k, 0);
-  for (int t0 = 0; t0 < s.length; t0 += kChunk) {
-    if (task.active) p.ckpt[task.bkd(s, t0 / kChunk, s.num_chunks)] = h;
-    const int n = min(kChunk, s.length - t0);
+  float h = task.segment_start(s, p.start);
+  const int c0 = task.first_chunk(s), c1 = task.end_chunk(s);
+  Cursor cur(s, task.k, c0 * kChunk);
+  for (int c = c0; c < c1; ++c) {
+    if (task.active) p.ckpt[task.bkd(s, c, s.num_chunks)] = h;
+    const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
     if (n == kChunk) {
       forward_chunk<T, kV, true>(p, task, rp, stage, x, y, cur, t0, n, h);
     } else {

@@ -7,7 +7,7 @@ Two implementations of one function, side by side:
   d_state and is what the fused path is tested against.
 * the fused path (`backend="fused"`): one GEMM x_dbl = x W_proj^T on the channels-last rows for all four
   routes at once (a route permutation commutes with a position-wise linear map), then the registered op
-  `selective_scan::ss2d_fwd` (CUDA kernels in csrc/ss2d_fused_*.cu; a PyTorch implementation of the same
+  `selective_scan::ss2d_fwd` (CUDA kernels in csrc/ss2d_*.cu; a PyTorch implementation of the same
   contract on other devices) that walks every route through its index map, computes dt = softplus(W_dt
   x_dbl + bias) per step and adds the four outputs into one fp32 map. Its backward is
   `selective_scan::ss2d_bwd`. Both ops have fake kernels, so torch.compile traces through them.
