@@ -1,6 +1,7 @@
-// Registers the fused SS2D kernels (ss2d_fused_*.cu, ss2d_segments.cu) as the CUDA dispatcher ops selective_scan_ss2d::fwd /
-// ::bwd: argument checks, allocation and launch. The public op (fake kernel, autograd rule, user-facing
-// validation, CPU path) is selective_scan/ss2d.py; these checks only keep a bad call from reaching a kernel.
+// Registers the fused SS2D kernels (ss2d_fused_*.cu, ss2d_segments.cu) as the CUDA dispatcher ops
+// selective_scan_ss2d::fwd / ::bwd: argument checks, segment planning, allocation and launch. The public op
+// (fake kernel, autograd rule, user-facing validation, CPU path) is selective_scan/ss2d.py; these checks only
+// keep a bad call from reaching a kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>

@@ -89,9 +89,9 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
   }
 }
 
-// Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190 registers
-// (a chunk's recomputed values plus its loads in flight); capped at 168 (3 blocks, 12 warps per SM) it
-// spills at most a few words.
+// Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190
+// registers (a chunk's recomputed values plus its loads in flight); capped at 168 (3 blocks, 12 warps per SM)
+// it spills at most a few words.
 template <typename T, int kV>
 __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
