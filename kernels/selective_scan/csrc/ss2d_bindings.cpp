@@ -92,6 +92,18 @@ Shape segmented(const Problem& pr, int device, int blocks_per_sm, double live_by
   return s;
 }
 
+// The per-route inputs every kernel reads (FwdParams, BwdParams and SegmentParams name them alike).
+template <typename Params>
+void set_inputs(Params& p, const Shape& s, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
+                const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
+  p.s = s;
+  p.xdbl = x_dbl.data_ptr<float>();
+  p.dt_weight = dt_weight.data_ptr<float>();
+  p.dt_bias = dt_bias.data_ptr<float>();
+  p.A_log = A_log.data_ptr<float>();
+  p.Ds = Ds.data_ptr<float>();
+}
+
 // The state entering each segment (an undefined tensor for one segment): the forward state (reverse false,
 // `in` = x) or the backward carry (reverse true, `in` = dy).
 at::Tensor segment_starts(const Problem& pr, const Shape& s, bool reverse, const at::Tensor& in,
@@ -102,13 +114,8 @@ at::Tensor segment_starts(const Problem& pr, const Shape& s, bool reverse, const
   auto summary = at::empty({s.batch, kRoutes, s.num_segments, s.dim, 2}, f32);
   auto start = at::empty({s.batch, kRoutes, s.num_segments, s.dim}, f32);
   SegmentParams p{};
-  p.s = s;
+  set_inputs(p, s, x_dbl, dt_weight, dt_bias, A_log, Ds);
   p.in = in.data_ptr();
-  p.xdbl = x_dbl.data_ptr<float>();
-  p.dt_weight = dt_weight.data_ptr<float>();
-  p.dt_bias = dt_bias.data_ptr<float>();
-  p.A_log = A_log.data_ptr<float>();
-  p.Ds = Ds.data_ptr<float>();
   p.summary = reinterpret_cast<float2*>(summary.data_ptr<float>());
   p.start = start.data_ptr<float>();
   const cudaError_t status = launch_ss2d_segment_starts(p, reverse ? ScalarKind::kFloat32 : pr.kind, pr.kv, reverse,
@@ -118,19 +125,6 @@ at::Tensor segment_starts(const Problem& pr, const Shape& s, bool reverse, const
 }
 
 const float* data_or_null(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
-
-// The inputs both kernels read (FwdParams and BwdParams name them alike).
-template <typename Params>
-void set_inputs(Params& p, const Problem& pr, const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
-                const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
-  p.s = pr.s;
-  p.x = x.data_ptr();
-  p.xdbl = x_dbl.data_ptr<float>();
-  p.dt_weight = dt_weight.data_ptr<float>();
-  p.dt_bias = dt_bias.data_ptr<float>();
-  p.A_log = A_log.data_ptr<float>();
-  p.Ds = Ds.data_ptr<float>();
-}
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                                        const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
@@ -145,8 +139,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
       segmented(pr, x.get_device(), kFwdBlocksPerSm, 4.0 + x.element_size() + 16.0 * pr.kv / pr.s.dim);
   const auto start = segment_starts(pr, s, false, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   FwdParams p{};
-  set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
-  p.s = s;
+  set_inputs(p, s, x_dbl, dt_weight, dt_bias, A_log, Ds);
+  p.x = x.data_ptr();
   p.start = data_or_null(start);
   p.y = y.data_ptr<float>();
   p.ckpt = ckpt.data_ptr<float>();
@@ -176,8 +170,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         segmented(pr, x.get_device(), kBwdBlocksPerSm, 8.0 + x.element_size() + 32.0 * pr.kv / s.dim);
     const auto start = segment_starts(pr, segs, true, dy, x_dbl, dt_weight, dt_bias, A_log, Ds);
     BwdParams p{};
-    set_inputs(p, pr, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
-    p.s = segs;
+    set_inputs(p, segs, x_dbl, dt_weight, dt_bias, A_log, Ds);
+    p.x = x.data_ptr();
     p.start = data_or_null(start);
     p.dy = dy.data_ptr<float>();
     p.ckpt = ckpt.data_ptr<float>();

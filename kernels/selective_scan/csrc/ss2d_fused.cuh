@@ -182,6 +182,22 @@ struct Task {
   __device__ __forceinline__ int end_chunk(const Shape& s) const {
     return min(first_chunk(s) + s.segment_chunks, s.num_chunks);
   }
+  // Walks the segment's chunks, from the first or (kReverse) from the last, calling visit(full, c, t0, n) for
+  // chunk c = steps [t0, t0 + n); `full` is std::true_type when n == kChunk, so full chunks compile without
+  // bound checks.
+  template <int kChunk, bool kReverse, typename Visit>
+  __device__ __forceinline__ void for_each_chunk(const Shape& s, Visit&& visit) const {
+    const int c0 = first_chunk(s), c1 = end_chunk(s);
+    for (int j = 0; j < c1 - c0; ++j) {
+      const int c = kReverse ? c1 - 1 - j : c0 + j;
+      const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
+      if (n == kChunk) {
+        visit(std::true_type{}, c, t0, n);
+      } else {
+        visit(std::false_type{}, c, t0, n);
+      }
+    }
+  }
   // the state entering the segment from `start` (zero without one)
   __device__ __forceinline__ float segment_start(const Shape& s, const float* start) const {
     return start != nullptr && active ? start[bkd(s, segment, s.num_segments)] : 0.f;

@@ -110,14 +110,9 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d
   float* dxdbl = p.dxdbl + static_cast<long>(task.b) * s.length * kRoutes * kV + task.k * kV +
                  (task.lane >> (5 - log2_kv<kV>()));
   float g = task.segment_start(s, p.start);  // gradient carry from the right
-  for (int c = task.end_chunk(s) - 1; c >= task.first_chunk(s); --c) {
-    const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
-    if (n == kChunk) {
-      backward_chunk<T, kV, true>(p, task, rp, acc, stage, x, dy, dx, dxdbl, t0, n, g);
-    } else {
-      backward_chunk<T, kV, false>(p, task, rp, acc, stage, x, dy, dx, dxdbl, t0, n, g);
-    }
-  }
+  task.for_each_chunk<kChunk, true>(s, [&](auto full, int, int t0, int n) {
+    backward_chunk<T, kV, decltype(full)::value>(p, task, rp, acc, stage, x, dy, dx, dxdbl, t0, n, g);
+  });
   if (!task.active) return;
   const long kd = static_cast<long>(task.k) * s.dim + task.d;
 #pragma unroll

@@ -50,17 +50,11 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kFwdBlocksPerSm) ss2d
   const T* x = static_cast<const T*>(p.x) + base;
   float* y = p.y + base;
   float h = task.segment_start(s, p.start);
-  const int c0 = task.first_chunk(s), c1 = task.end_chunk(s);
-  Cursor cur(s, task.k, c0 * kChunk);
-  for (int c = c0; c < c1; ++c) {
+  Cursor cur(s, task.k, task.first_chunk(s) * kChunk);
+  task.for_each_chunk<kChunk, false>(s, [&](auto full, int c, int t0, int n) {
     if (task.active) p.ckpt[task.bkd(s, c, s.num_chunks)] = h;
-    const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
-    if (n == kChunk) {
-      forward_chunk<T, kV, true>(p, task, rp, stage, x, y, cur, t0, n, h);
-    } else {
-      forward_chunk<T, kV, false>(p, task, rp, stage, x, y, cur, t0, n, h);
-    }
-  }
+    forward_chunk<T, kV, decltype(full)::value>(p, task, rp, stage, x, y, cur, t0, n, h);
+  });
 }
 
 cudaError_t launch_ss2d_fwd(const FwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream) {

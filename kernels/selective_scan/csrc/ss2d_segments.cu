@@ -51,16 +51,9 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock) segment_summary_kerne
   const RouteParams<kV - 2> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
   const In* in = static_cast<const In*>(p.in) + static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
   float state = 0.f, dt_total = 0.f;
-  const int c0 = task.first_chunk(s), c1 = task.end_chunk(s);
-  for (int j = 0; j < c1 - c0; ++j) {
-    const int c = kReverse ? c1 - 1 - j : c0 + j;
-    const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
-    if (n == kChunk) {
-      summarise_chunk<In, kV, kReverse, true>(p, task, rp, stage, in, t0, n, state, dt_total);
-    } else {
-      summarise_chunk<In, kV, kReverse, false>(p, task, rp, stage, in, t0, n, state, dt_total);
-    }
-  }
+  task.for_each_chunk<kChunk, kReverse>(s, [&](auto full, int, int t0, int n) {
+    summarise_chunk<In, kV, kReverse, decltype(full)::value>(p, task, rp, stage, in, t0, n, state, dt_total);
+  });
   if (task.active) p.summary[task.bkd(s, task.segment, s.num_segments)] = make_float2(dt_total, state);
 }
 

@@ -30,8 +30,8 @@ from torch import Tensor
 from . import ops, torch_scan
 from .ops import selective_scan_fn
 
-__all__ = ["ss2d_core", "ss2d_core_reference", "fused_core", "fused_available", "fused_unsupported_reason", "route_positions",
-           "project"]
+__all__ = ["ss2d_core", "ss2d_core_reference", "fused_core", "fused_available", "fused_unsupported_reason",
+           "route_positions", "project"]
 
 K = 4
 SUPPORTED_KV = (8, 16, 32)  # x_dbl row widths the CUDA kernels are compiled for (csrc/ss2d_fused.cuh)
