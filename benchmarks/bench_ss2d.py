@@ -13,8 +13,8 @@ medians of CUDA-event timings. Also timed: the x_dbl GEMM alone and the fused fo
 
 Bytes per element for the bandwidth columns are what any SS2D core implementation must move per (batch,
 position, channel) element, with s the bytes of x's dtype: forward s + 4 (x read, fp32 y written),
-forward+backward 8 + 3s (plus dy read 4, x read s, dx written s). x_dbl (4 kV fp32 per position, < 1 B per
-element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured in the same run.
+forward+backward 8 + 3s (plus dy read 4, x read s, dx written s). x_dbl (4 (R + 2) values of x's dtype per
+position, < 1 B per element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured in the same run.
 
     python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--json out.json]
 """
@@ -89,12 +89,11 @@ def bench_stage(stage, batch, dtype, image=(224, 224)):
         x_last = x.detach().permute(0, 2, 3, 1)
         row["gemm_ms"] = time_gpu(lambda: ss2d.project(x_last, module.x_proj_weight))
         x_dbl = ss2d.project(x_last, module.x_proj_weight)
-        op_args = (x_last, x_dbl, module.dt_projs_weight.float(), module.dt_projs_bias.float(),
-                   module.A_logs.float().view(4, dim), module.Ds.float().view(4, dim))
-        row["op_fwd_ms"] = time_gpu(lambda: torch.ops.selective_scan.ss2d_fwd(*op_args))
-        ckpt = torch.ops.selective_scan.ss2d_fwd(*op_args)[1]
+        op_args = (x_last, x_dbl, module.dt_projs_weight, module.dt_projs_bias, module.A_logs, module.Ds)
+        row["op_fwd_ms"] = time_gpu(lambda: torch.ops.selective_scan_ss2d.fwd(*op_args))
+        ckpt = torch.ops.selective_scan_ss2d.fwd(*op_args)[1]
         dy_last = dy.permute(0, 2, 3, 1)
-        row["op_bwd_ms"] = time_gpu(lambda: torch.ops.selective_scan.ss2d_bwd(dy_last, *op_args, ckpt))
+        row["op_bwd_ms"] = time_gpu(lambda: torch.ops.selective_scan_ss2d.bwd(dy_last, *op_args, ckpt))
     s = x.element_size()
     elements = batch * dim * height * width
     row["fwd_bytes_per_element"], row["fwd_bwd_bytes_per_element"] = s + 4, 8 + 3 * s

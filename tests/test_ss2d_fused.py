@@ -1,15 +1,17 @@
 """The fused SS2D core (selective_scan.ss2d) against the unfused path.
 
-CPU: the reference equals SS2D's own unfused ssm; the fused interface (weight reordering, the x_dbl GEMM,
-the ops' autograd rule, run by the ops' PyTorch implementation) equals the reference in forward and every
-gradient; validation, dispatch, opcheck and torch.compile of the registered ops.
+CPU: the reference equals SS2D's own unfused ssm; the fused interface (the x_dbl GEMM, the ops' autograd rule,
+run by the ops' PyTorch implementation) equals the reference in forward and every gradient; validation,
+dispatch and torch.compile of the interface.
 CUDA (device only): the kernels against a float64 oracle of the ops' contract from the same rounded inputs
 (so the tolerance measures the kernels alone; SPEC section 1 tolerances), for odd sizes, all dtypes and a
-detection-size map; the fused SS2D module against the unfused one under autocast; and
-torch.compile of a fused SS2D.
+detection-size map; opcheck of the dispatcher ops; the fused SS2D module against the unfused one under
+autocast; and torch.compile of a fused SS2D.
 """
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -87,8 +89,8 @@ def test_reference_equals_ss2d_unfused_ssm(channel_first):
 @pytest.mark.parametrize("rank", [1, 2, 6, 12, 24, 30])
 @pytest.mark.parametrize("channel_first", [True, False])
 def test_fused_interface_equals_reference_on_cpu(rank, channel_first):
-    """Every piece of the fused path except the CUDA kernels: the reordered, padded projection, the x_dbl
-    GEMM, the ops and their autograd rule (the ops run their PyTorch implementation here)."""
+    """Every piece of the fused path except the CUDA kernels: the x_dbl GEMM, the ops and their autograd rule
+    (the ops run their PyTorch implementation here)."""
     dim, height, width = 37, 5, 7
     params = make_params(dim, rank, seed=rank)
     x = torch.randn(2, dim, height, width, generator=torch.Generator().manual_seed(3))
@@ -134,17 +136,38 @@ def test_model_dispatch_stays_unfused_on_cpu_and_under_tracing():
     assert vmamba._fused_ss2d(module, torch.randn(1, 32, 4, 4)) is None
 
 
-def _op_inputs(dim=12, rank=3, height=4, width=5, batch=2, seed=0):
-    params = make_params(dim, rank, seed=seed)
-    x = torch.randn(batch, height, width, dim, generator=torch.Generator().manual_seed(seed + 1))
-    x_dbl = ss2d.project(x, params["x_proj_weight"])
-    return [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], params["A_logs"].view(4, dim),
-            params["Ds"].view(4, dim)]
+def op_inputs(x, params):
+    """The fused ops' inputs: x, x_dbl = x W_proj^T (x's dtype) and SS2D's other parameters as stored."""
+    x_dbl = ss2d.project(x, params["x_proj_weight"]).detach()
+    return [x, x_dbl] + [params[k] for k in PARAM_NAMES[1:]]
 
 
-def test_opcheck_registered_ops():
-    args = [t.requires_grad_() if isinstance(t, torch.Tensor) else t for t in _op_inputs()]
-    torch.library.opcheck(torch.ops.selective_scan.ss2d_fwd.default, args)
+def test_opcheck_dispatcher_ops_cpu():
+    """Schema, fake kernels and dispatch of selective_scan_ss2d::fwd / ::bwd with their CPU kernels."""
+    params = make_params(12, 3)
+    inputs = op_inputs(torch.randn(2, 4, 5, 12), params)
+    torch.library.opcheck(torch.ops.selective_scan_ss2d.fwd.default, inputs)
+    _, ckpt = torch.ops.selective_scan_ss2d.fwd(*inputs)
+    torch.library.opcheck(torch.ops.selective_scan_ss2d.bwd.default, [torch.randn(2, 4, 5, 12)] + inputs + [ckpt])
+
+
+def test_fused_interface_without_the_extension():
+    """Without the compiled extension the ops are defined in Python, and the fused path still runs on CPU."""
+    code = (
+        "import sys; sys.modules['selective_scan._C'] = None\n"
+        "import torch\n"
+        "from selective_scan import ops, ss2d\n"
+        "assert not ops.extension_built()\n"
+        "x = torch.randn(1, 8, 3, 4, requires_grad=True)\n"
+        "w = torch.randn(4, 4, 8) * 0.3\n"
+        "p = [w, torch.rand(4, 8, 2) - 0.5, torch.full((4, 8), -3.0), torch.zeros(32, 1), torch.ones(32)]\n"
+        "y = ss2d.ss2d_core(x, *p, backend='fused')\n"
+        "y.sum().backward()\n"
+        "torch.testing.assert_close(y, ss2d.ss2d_core(x, *p, backend='reference'))\n"
+        "print('ok', x.grad.abs().sum().item() > 0)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok True"
 
 
 def test_torch_compile_fused_interface_cpu():
@@ -178,10 +201,7 @@ WEIGHT_TOL = (1e-3, 1e-3)
 def op_grads_cuda(x, params, seed=1):
     """Runs the fused ops on CUDA and the float64 oracle of their contract from the same inputs; returns both
     (y, [dx, dx_dbl, d dt_weight, d dt_bias, dA_log, dDs])."""
-    dim = x.shape[-1]
-    x_dbl = ss2d.project(x, params["x_proj_weight"]).detach()
-    inputs = [x, x_dbl, params["dt_projs_weight"], params["dt_projs_bias"], params["A_logs"].view(4, dim),
-              params["Ds"].view(4, dim)]
+    inputs = op_inputs(x, params)
     g = torch.Generator(device="cuda").manual_seed(seed)
     dy = torch.randn(x.shape, generator=g, device="cuda")
 
@@ -189,8 +209,7 @@ def op_grads_cuda(x, params, seed=1):
         y = fn(*leaves)
         return y.detach(), list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
 
-    fused = run([t.detach().clone().requires_grad_() for t in inputs],
-                lambda *a: torch.ops.selective_scan.ss2d_fwd(*a)[0])
+    fused = run([t.detach().clone().requires_grad_() for t in inputs], ss2d.scan_routes)
     oracle = run([t.detach().double().requires_grad_() for t in inputs], ss2d._fused_core_torch)
     return fused, oracle
 
@@ -203,7 +222,7 @@ def check_op(fused, oracle, dtype):
     for name, g, g_ref, tol in zip(names, grads, grads_ref, tols):
         assert torch.isfinite(g).all(), name
         assert_close(g, g_ref, *tol, name)
-    assert grads[0].dtype == dtype
+    assert grads[0].dtype == dtype and grads[1].dtype == dtype
 
 
 # (batch, D, H, W, dt rank): odd channel counts (partial warps), thin maps, maps shorter than one tile (64
@@ -231,6 +250,35 @@ def test_fused_kernels_detection_size_map():
     params = make_params(dim, rank, seed=5, device="cuda")
     x = torch.randn(1, 200, 336, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(8)).half()
     check_op(*op_grads_cuda(x, params), torch.float16)
+
+
+@pytest.mark.cuda
+def test_opcheck_dispatcher_ops():
+    """Schema, fake kernels and dispatch of selective_scan_ss2d::fwd / ::bwd (torch.library.opcheck)."""
+    params = make_params(12, 3, device="cuda")
+    x = torch.randn(2, 4, 5, 12, device="cuda").half()
+    inputs = op_inputs(x, params)
+    torch.library.opcheck(torch.ops.selective_scan_ss2d.fwd.default, inputs)
+    _, ckpt = torch.ops.selective_scan_ss2d.fwd(*inputs)
+    dy = torch.randn(x.shape, device="cuda")
+    torch.library.opcheck(torch.ops.selective_scan_ss2d.bwd.default, [dy] + inputs + [ckpt])
+
+
+@pytest.mark.cuda
+def test_fused_ops_reject_bad_inputs():
+    """The dispatcher ops refuse a call that does not match the kernels' contract, naming the argument."""
+    params = make_params(12, 3, device="cuda")
+    x = torch.randn(1, 4, 5, 12, device="cuda")
+    inputs = op_inputs(x, params)
+    with pytest.raises(RuntimeError, match="`x_dbl` must be"):
+        torch.ops.selective_scan_ss2d.fwd(x, inputs[1].half(), *inputs[2:])
+    with pytest.raises(RuntimeError, match=r"`A_log` must have shape \(48, 1\), got \(4, 12\)"):
+        torch.ops.selective_scan_ss2d.fwd(*inputs[:4], inputs[4].view(4, 12), inputs[5])
+    with pytest.raises(RuntimeError, match=r"`dt_bias` must have shape \(4, 12\), got \(48\)"):
+        torch.ops.selective_scan_ss2d.fwd(*inputs[:3], inputs[3].view(-1), *inputs[4:])
+    _, ckpt = torch.ops.selective_scan_ss2d.fwd(*inputs)
+    with pytest.raises(RuntimeError, match=r"`dy` must have shape \(1, 4, 5, 12\), got \(1, 5, 4, 12\)"):
+        torch.ops.selective_scan_ss2d.bwd(torch.zeros(1, 5, 4, 12, device="cuda"), *inputs, ckpt)
 
 
 def ss2d_module_grads(module, x, fused, dtype, seed=2):

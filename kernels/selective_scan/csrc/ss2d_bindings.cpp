@@ -10,8 +10,10 @@
 
 #include <algorithm>
 #include <mutex>
+#include <string>
 #include <tuple>
 #include <unordered_map>
+#include <vector>
 
 #include "scalar_kind.h"
 #include "ss2d_fused.cuh"
@@ -20,10 +22,20 @@ namespace selective_scan {
 namespace ss2d {
 namespace {
 
-void check(const at::Tensor& t, const char* name, at::ScalarType dtype, at::IntArrayRef sizes, const at::Tensor& x) {
+std::string shape_string(at::IntArrayRef sizes) {
+  std::string out = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + ")";
+}
+
+// The expected sizes are a vector (owned here) and printed by hand: printing a braced-list IntArrayRef in the
+// error message crashed the process on the GPU machine's build.
+void check(const at::Tensor& t, const char* name, at::ScalarType dtype, const std::vector<int64_t>& sizes,
+           const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "ss2d: `", name, "` is on ", t.device(), ", `x` on ", x.device());
   TORCH_CHECK(t.scalar_type() == dtype, "ss2d: `", name, "` must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.sizes() == sizes, "ss2d: `", name, "` must have shape ", sizes, ", got ", t.sizes());
+  TORCH_CHECK(t.sizes().vec() == sizes, "ss2d: `", name, "` must have shape ", shape_string(sizes), ", got ",
+              shape_string(t.sizes()));
   TORCH_CHECK(t.is_contiguous(), "ss2d: `", name, "` must be contiguous");
 }
 
@@ -33,12 +45,13 @@ struct Problem {
   ScalarKind kind;  // x's dtype
 };
 
-// x (B, H, W, D); x_dbl (B, H, W, K * kV) fp32; dt_weight (K, D, R); dt_bias, A_log, Ds (K, D) fp32.
+// x (B, H, W, D); x_dbl (B, H, W, K * (R + 2)) of x's dtype; dt_weight (K, D, R), dt_bias (K, D), A_log (K * D, 1)
+// and Ds (K * D) fp32: SS2D's parameters as stored.
 Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                      const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "ss2d: `x` must be a contiguous (B, H, W, D) CUDA tensor");
   TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kRoutes, "ss2d: `dt_weight` must be (4, D, R)");
-  TORCH_CHECK(x_dbl.dim() == 4 && x_dbl.size(3) % kRoutes == 0, "ss2d: `x_dbl` must be (B, H, W, 4 * kV)");
+  TORCH_CHECK(x_dbl.dim() == 4, "ss2d: `x_dbl` must be (B, H, W, 4 * (R + 2))");
   Problem pr{};
   pr.kind = scalar_kind(x, "ss2d", "x");
   Shape& s = pr.s;
@@ -48,14 +61,13 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   s.dim = static_cast<int>(x.size(3));
   s.length = s.height * s.width;
   s.rank = static_cast<int>(dt_weight.size(2));
-  pr.kv = static_cast<int>(x_dbl.size(3) / kRoutes);
-  TORCH_CHECK(supported_kv(pr.kv) && s.rank + 2 <= pr.kv, "ss2d: x_dbl rows of ", pr.kv, " values for dt rank ",
-              s.rank, " are not supported (kV must be 8, 16 or 32 and hold R + 2 values)");
-  check(x_dbl, "x_dbl", at::kFloat, {x.size(0), x.size(1), x.size(2), kRoutes * pr.kv}, x);
+  pr.kv = kv_for_rank(s.rank);
+  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", s.rank, " is not supported (R + 2 must be at most 32)");
+  check(x_dbl, "x_dbl", x.scalar_type(), {x.size(0), x.size(1), x.size(2), kRoutes * (s.rank + 2)}, x);
   check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
   check(dt_bias, "dt_bias", at::kFloat, {kRoutes, x.size(3)}, x);
-  check(A_log, "A_log", at::kFloat, {kRoutes, x.size(3)}, x);
-  check(Ds, "Ds", at::kFloat, {kRoutes, x.size(3)}, x);
+  check(A_log, "A_log", at::kFloat, {kRoutes * x.size(3), 1}, x);
+  check(Ds, "Ds", at::kFloat, {kRoutes * x.size(3)}, x);
   s.groups = (s.dim + kLanes - 1) / kLanes;
   s.num_chunks = (s.length + chunk_for_kv(pr.kv) - 1) / chunk_for_kv(pr.kv);
   // positions * D and per-position offsets are 32-bit in the kernels; blocks are one grid dimension
@@ -97,7 +109,7 @@ template <typename Params>
 void set_inputs(Params& p, const Shape& s, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                 const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   p.s = s;
-  p.xdbl = x_dbl.data_ptr<float>();
+  p.xdbl = x_dbl.data_ptr();
   p.dt_weight = dt_weight.data_ptr<float>();
   p.dt_bias = dt_bias.data_ptr<float>();
   p.A_log = A_log.data_ptr<float>();
@@ -118,8 +130,8 @@ at::Tensor segment_starts(const Problem& pr, const Shape& s, bool reverse, const
   p.in = in.data_ptr();
   p.summary = reinterpret_cast<float2*>(summary.data_ptr<float>());
   p.start = start.data_ptr<float>();
-  const cudaError_t status = launch_ss2d_segment_starts(p, reverse ? ScalarKind::kFloat32 : pr.kind, pr.kv, reverse,
-                                                        c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t status =
+      launch_ss2d_segment_starts(p, pr.kind, pr.kv, reverse, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "ss2d: segment pass launch failed: ", cudaGetErrorString(status));
   return start;
 }
@@ -135,8 +147,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
   auto ckpt = at::empty({pr.s.batch, kRoutes, pr.s.num_chunks, pr.s.dim}, f32);
   if (x.numel() == 0) return {y, ckpt};
   // live in L2 per element: y (fp32), x, the element's share of the x_dbl rows
-  const Shape s =
-      segmented(pr, x.get_device(), kFwdBlocksPerSm, 4.0 + x.element_size() + 16.0 * pr.kv / pr.s.dim);
+  const double row_bytes = kRoutes * (pr.s.rank + 2.0) * x.element_size();
+  const Shape s = segmented(pr, x.get_device(), kFwdBlocksPerSm, 4.0 + x.element_size() + row_bytes / pr.s.dim);
   const auto start = segment_starts(pr, s, false, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   FwdParams p{};
   set_inputs(p, s, x_dbl, dt_weight, dt_bias, A_log, Ds);
@@ -154,20 +166,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds, const at::Tensor& ckpt) {
   const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   const Shape& s = pr.s;
-  check(dy, "dy", at::kFloat, x.sizes(), x);
+  check(dy, "dy", at::kFloat, x.sizes().vec(), x);
   check(ckpt, "ckpt", at::kFloat, {s.batch, kRoutes, s.num_chunks, s.dim}, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   auto dx = at::zeros(x.sizes(), f32);
-  auto dxdbl = at::zeros(x_dbl.sizes(), f32);
+  auto dxdbl = at::zeros(x_dbl.sizes(), f32);  // fp32 atomics; returned in x_dbl's dtype
   auto ddt_weight = at::zeros({kRoutes, s.rank, s.dim}, f32);
   auto ddt_bias = at::zeros_like(dt_bias);
   auto dA_log = at::zeros_like(A_log);
   auto dDs = at::zeros_like(Ds);
   if (x.numel() > 0) {
-    // live in L2 per element: dy and dx (fp32), x, the element's share of the x_dbl rows and their gradient
-    const Shape segs =
-        segmented(pr, x.get_device(), kBwdBlocksPerSm, 8.0 + x.element_size() + 32.0 * pr.kv / s.dim);
+    // live in L2 per element: dy and dx (fp32), x, the element's share of the x_dbl rows and their fp32 gradient
+    const double row_bytes = kRoutes * (s.rank + 2.0) * (x.element_size() + 4.0);
+    const Shape segs = segmented(pr, x.get_device(), kBwdBlocksPerSm, 8.0 + x.element_size() + row_bytes / s.dim);
     const auto start = segment_starts(pr, segs, true, dy, x_dbl, dt_weight, dt_bias, A_log, Ds);
     BwdParams p{};
     set_inputs(p, segs, x_dbl, dt_weight, dt_bias, A_log, Ds);
@@ -184,7 +196,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const cudaError_t status = launch_ss2d_bwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status == cudaSuccess, "ss2d: backward launch failed: ", cudaGetErrorString(status));
   }
-  return {dx.to(x.scalar_type()), dxdbl, ddt_weight.transpose(1, 2).contiguous(), ddt_bias, dA_log, dDs};
+  return {dx.to(x.scalar_type()), dxdbl.to(x_dbl.scalar_type()), ddt_weight.transpose(1, 2).contiguous(), ddt_bias,
+          dA_log, dDs};
 }
 
 }  // namespace

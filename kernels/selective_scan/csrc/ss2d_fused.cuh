@@ -1,9 +1,10 @@
 // Fused SS2D core for VMamba's v2 blocks (cross2d routes, d_state N = 1): the four routes' selective scans
 // read the channels-last activation x (B, H, W, D) in place through their index maps, compute
 // dt = softplus(W_dt x_dbl + bias) per step, and add their outputs into one fp32 (B, H, W, D) map. Nothing of
-// size (B, 4, D, L) is materialised. The x_proj GEMM (x_dbl = x W_proj^T for all routes at once, on the
-// natural position order) and its backward stay in PyTorch: a route permutation commutes with a
-// position-wise linear map.
+// size (B, 4, D, L) is materialised. The x_proj GEMM and its backward stay in PyTorch: a route permutation
+// commutes with a position-wise linear map, so x_dbl = x W_proj^T is one GEMM on the natural position order,
+// with SS2D's own weight (x_proj_weight viewed as (4 (R + 2), D)) and x's dtype: x_dbl (B, H, W, 4, R + 2),
+// route k's row [dt-rank values..., B, C].
 //
 // Work split: one warp owns one segment of one sequence (batch b, 32 consecutive channels, route k, a run of
 // consecutive steps) and walks it from start to end; lane = channel, so every load of x / dy and every atomic
@@ -45,10 +46,10 @@ constexpr int kRoutes = 4;
 constexpr int kLanes = kWarpSize;
 constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, segment, channel group)
 
-// x_dbl row of one route at one position: [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
-// two (8, 16, 32) so the row is whole 16-byte words and the cross-lane reduction of its gradient is a plain
-// halving tree. ss2d.py builds the projection weight in this order.
+// On chip, a route's x_dbl row is kept as [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
+// two (8, 16, 32) so that a row is whole 16-byte words; kV is the narrowest that holds R + 2 values.
 constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32; }
+constexpr int kv_for_rank(int rank) { return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : 0; }
 // Steps between saved states (and per load batch); the backward holds 5 values per step of a chunk in
 // registers, so wide x_dbl rows (more registers for W_dt and its gradient) get shorter chunks. ss2d.py
 // chunk_for_kv mirrors this rule.
@@ -62,7 +63,7 @@ constexpr int kMinSegmentChunks = 4;
 
 struct Shape {
   int batch, height, width, length, dim;  // length L = H * W, dim = D channels
-  int rank;                               // R, dt rank (<= kV - 2)
+  int rank;                               // R, dt rank (<= kV - 2); x_dbl rows are R + 2 values
   int groups;                             // ceil(D / 32) channel groups
   int num_chunks;                         // ceil(L / chunk)
   int segment_chunks, num_segments;       // chunks per segment (the last may be shorter), ceil(chunks / that)
@@ -91,7 +92,7 @@ inline void plan_segments(Shape& s, long resident_blocks, long l2_bytes, double 
 struct FwdParams {
   Shape s;
   const void* x;           // (B, L, D), input dtype
-  const float* xdbl;       // (B, L, K, kV)
+  const void* xdbl;        // (B, L, K, R + 2), x's dtype
   const float* dt_weight;  // (K, D, R)
   const float* dt_bias;    // (K, D)
   const float* A_log;      // (K, D); A = -exp(A_log)
@@ -105,7 +106,7 @@ struct BwdParams {
   Shape s;
   const float* dy;         // (B, L, D)
   const void* x;
-  const float* xdbl;
+  const void* xdbl;
   const float* dt_weight;
   const float* dt_bias;
   const float* A_log;
@@ -113,7 +114,7 @@ struct BwdParams {
   const float* ckpt;
   const float* start;      // (B, K, num_segments, D): gradient carry entering each segment from its end
   float* dx;               // (B, L, D) fp32, zero-initialised
-  float* dxdbl;            // (B, L, K, kV), zero-initialised
+  float* dxdbl;            // (B, L, K, R + 2), zero-initialised
   float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
   float* ddt_bias;         // (K, D), zero-initialised
   float* dA_log;           // (K, D), zero-initialised
@@ -124,7 +125,7 @@ struct BwdParams {
 struct SegmentParams {
   Shape s;
   const void* in;          // x (forward; x's dtype) or dy (backward; fp32), (B, L, D)
-  const float* xdbl;
+  const void* xdbl;        // x's dtype
   const float* dt_weight;
   const float* dt_bias;
   const float* A_log;
@@ -135,8 +136,8 @@ struct SegmentParams {
 
 cudaError_t launch_ss2d_fwd(const FwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream);
 cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream);
-// Fills p.start: the forward state (reverse false, p.in = x of kind `dtype`) or the backward carry (reverse
-// true, p.in = dy, fp32) entering each segment.
+// Fills p.start: the forward state (reverse false, p.in = x) or the backward carry (reverse true, p.in = dy,
+// fp32) entering each segment; `dtype` is x's (and x_dbl's).
 cudaError_t launch_ss2d_segment_starts(const SegmentParams& p, ScalarKind dtype, int kv, bool reverse,
                                        cudaStream_t stream);
 
@@ -271,34 +272,36 @@ __device__ __forceinline__ float dt_preact(const RouteParams<kV - 2>& rp, const 
   return z;
 }
 
-// Per-warp shared-memory copy of a chunk's x_dbl rows: the rows are warp-uniform, so they are fetched once
-// per chunk with one 16-byte load per lane (all of the chunk's loads in flight together) and read back as
-// shared-memory broadcasts, instead of one dependent global load per step.
+// Per-warp shared-memory copy of a chunk's x_dbl rows in the on-chip order: the rows are warp-uniform, so
+// they are fetched once per chunk (kV lanes per row, all of the chunk's loads in flight together) and read
+// back as shared-memory broadcasts of whole 16-byte words, instead of one dependent global load per step.
 template <int kV, int kChunk = chunk_for_kv(kV)>
 struct RowStage {
-  static constexpr int kWords = kChunk * kV / 4;  // 32 or 64
-  float4 words[kWords];
+  alignas(16) float vals[kChunk * kV];
 
-  // Rows of steps t0 .. t0 + n - 1 of route k.
-  __device__ __forceinline__ void load(const Shape& s, const Task& task, const float* xdbl, int t0, int n) {
-    constexpr int kPerRow = kV / 4;
+  // Rows of steps t0 .. t0 + n - 1 of route k, from x_dbl (B, L, K, R + 2) of type T.
+  template <typename T>
+  __device__ __forceinline__ void load(const Shape& s, const Task& task, const void* xdbl, int t0, int n) {
+    constexpr int kRowsPerPass = kLanes / kV;
+    const int j = task.lane % kV, width = s.rank + 2;  // j: index in the global row [dt..., B, C]
+    const int slot = j < s.rank ? 2 + j : j < width ? j - s.rank : j;  // its on-chip index; padding stays put
+    const T* rows = static_cast<const T*>(xdbl) + static_cast<long>(task.b) * s.length * kRoutes * width +
+                    task.k * width + j;
+    // lane i < kChunk finds step i's position once; each pass takes its row's from that lane
+    const int my_pos = route_position(s, task.k, t0 + min(task.lane, n - 1));
     __syncwarp();  // every lane is done with the previous chunk's rows
 #pragma unroll
-    for (int q0 = 0; q0 < kWords; q0 += kLanes) {
-      const int q = q0 + task.lane, i = q / kPerRow;
-      if (q < kWords && i < n) {
-        const int pos = route_position(s, task.k, t0 + i);
-        const float4* row = reinterpret_cast<const float4*>(
-            xdbl + ((static_cast<long>(task.b) * s.length + pos) * kRoutes + task.k) * kV);
-        words[q] = __ldg(row + q % kPerRow);
-      }
+    for (int i0 = 0; i0 < kChunk; i0 += kRowsPerPass) {
+      const int i = i0 + task.lane / kV;
+      const int pos = __shfl_sync(kFullMask, my_pos, i);
+      if (i < n) vals[i * kV + slot] = j < width ? load_float(rows + static_cast<long>(pos) * kRoutes * width) : 0.f;
     }
     __syncwarp();
   }
   __device__ __forceinline__ void read(int i, float (&v)[kV]) const {
 #pragma unroll
     for (int q = 0; q < kV / 4; ++q) {
-      const float4 f = words[i * (kV / 4) + q];
+      const float4 f = reinterpret_cast<const float4*>(vals)[i * (kV / 4) + q];
       v[4 * q] = f.x;
       v[4 * q + 1] = f.y;
       v[4 * q + 2] = f.z;
@@ -306,33 +309,6 @@ struct RowStage {
     }
   }
 };
-
-// Sums v[0..kV) over the 32 lanes and leaves value index (lane >> (5 - log2 kV)) in each lane: a halving
-// tree (each round a lane keeps half of its kN values and trades the other half with its partner, lane ^
-// kBit) followed by plain butterflies. kV - 1 + (5 - log2 kV) shuffles instead of 5 kV. Recursive so that
-// every index is a compile-time constant (the arrays stay in registers).
-template <int kV, int kN = kV>
-__device__ __forceinline__ float warp_reduce_scatter(float (&v)[kV], int lane) {
-  if constexpr (kN > 1) {
-    constexpr int kHalf = kN / 2, kBit = kLanes / 2 * kN / kV;
-    const bool upper = lane & kBit;
-#pragma unroll
-    for (int i = 0; i < kHalf; ++i) {
-      const float send = upper ? v[i] : v[i + kHalf];
-      const float keep = upper ? v[i + kHalf] : v[i];
-      v[i] = keep + __shfl_xor_sync(kFullMask, send, kBit);
-    }
-    return warp_reduce_scatter<kV, kHalf>(v, lane);
-  } else {
-    float r = v[0];
-#pragma unroll
-    for (int bit = kLanes / 2 / kV; bit >= 1; bit /= 2) r += __shfl_xor_sync(kFullMask, r, bit);
-    return r;
-  }
-}
-
-template <int kV>
-constexpr int log2_kv() { return kV == 8 ? 3 : kV == 16 ? 4 : 5; }
 
 // launch(element tag, std::integral_constant<int, kV>) for x's dtype and the x_dbl row width kv: the one place
 // that maps the runtime choices onto the compiled kernel instances (forward and backward).

@@ -3,14 +3,74 @@
 // entering the segment from its end: loads the chunk, recomputes its forward from the checkpoint (h, dt, dt's
 // slope, x, dy kept in registers), then walks it in reverse.
 //
-// Per step, dx (lane = channel) is an atomic add into fp32 dx, and the per-position gradient of the route's
-// x_dbl row ([dB, dC, d(dt-rank)...], each a sum over channels) is reduced across the warp's 32 channels
-// with warp_reduce_scatter and added once per warp. Parameter gradients (W_dt, dt bias, A, D) are summed
-// in registers over the warp's steps and added once at the end.
+// Per step, dx (lane = channel) is an atomic add into fp32 dx. The gradient of the route's x_dbl row at each
+// position ([d dt-rank values..., dB, dC]) is a sum over the warp's 32 channels: the reverse walk leaves each
+// lane's terms in shared memory, and once per chunk the lanes contract them over the channels (GradStage).
+// Parameter gradients (W_dt, dt bias, A, D) are summed in registers over the warp's steps and added once at
+// the end.
 #include "ss2d_fused.cuh"
 
 namespace selective_scan {
 namespace ss2d {
+
+// Per-warp staging of a chunk's x_dbl row gradients. Row value j of a position is sum_d term_j[d] coef_j[d]
+// over the warp's channels d: for a dt-rank value j < R the term is dz (the gradient of the dt pre-activation)
+// and the coefficient W_dt[k, d, j]; for B and C the terms are dB's and dC's per-channel parts and the
+// coefficient 1. After the reverse walk, lanes take (row value j = lane % kV, step i = lane / kV + multiples
+// of 32 / kV): kV multiply-adds per step and lane, where a shuffle reduction across the warp costs ~5 kV
+// instructions per step. Rows are 36 words apart, so that the words read together (the three terms of a
+// step; the coefficients of 8 values) sit in different banks.
+template <int kV, int kChunk = chunk_for_kv(kV)>
+struct GradStage {
+  static constexpr int kStride = kLanes + 4;
+  static constexpr int kDz = 0, kDB = 1, kDC = 2;  // term kinds
+  alignas(16) float terms[kChunk][3][kStride];
+  alignas(16) float coef[kV][kStride];  // rows R, R + 1 (B, C) hold ones
+  int pos[kChunk];                      // raster position of each step
+
+  // Once per kernel: lane = channel d writes its coefficients.
+  template <int kR>
+  __device__ __forceinline__ void set_coefficients(const Shape& s, const RouteParams<kR>& rp, int lane) {
+#pragma unroll
+    for (int j = 0; j < kR; ++j)
+      if (j < s.rank) coef[j][lane] = rp.w[j];
+    coef[s.rank][lane] = 1.f;
+    coef[s.rank + 1][lane] = 1.f;
+  }
+  __device__ __forceinline__ void put(int i, int lane, int pos_i, float dz, float dB, float dC) {
+    terms[i][kDz][lane] = dz;
+    terms[i][kDB][lane] = dB;
+    terms[i][kDC][lane] = dC;
+    pos[i] = pos_i;
+  }
+  // Adds the chunk's n row gradients into dxdbl (this sample and route's (L, K, R + 2) rows).
+  __device__ __forceinline__ void contract(const Shape& s, int lane, float* dxdbl, int n) {
+    constexpr int kStepsPerPass = kLanes / kV, kSteps = kChunk / kStepsPerPass;  // kSteps steps per lane
+    const int j = lane % kV, width = s.rank + 2, first = lane / kV;
+    __syncwarp();  // the walk's terms are in
+    if (j < width) {
+      const int kind = j < s.rank ? kDz : j == s.rank ? kDB : kDC;
+      float sum[kSteps];
+#pragma unroll
+      for (int q = 0; q < kSteps; ++q) sum[q] = 0.f;
+#pragma unroll
+      for (int d = 0; d < kLanes; d += 4) {
+        const float4 c = *reinterpret_cast<const float4*>(&coef[j][d]);
+#pragma unroll
+        for (int q = 0; q < kSteps; ++q) {
+          const float4 t = *reinterpret_cast<const float4*>(&terms[first + q * kStepsPerPass][kind][d]);
+          sum[q] = fmaf(t.w, c.w, fmaf(t.z, c.z, fmaf(t.y, c.y, fmaf(t.x, c.x, sum[q]))));
+        }
+      }
+#pragma unroll
+      for (int q = 0; q < kSteps; ++q) {
+        const int i = first + q * kStepsPerPass;
+        if (i < n) atomicAdd(dxdbl + static_cast<long>(pos[i]) * kRoutes * width + j, sum[q]);
+      }
+    }
+    __syncwarp();  // done reading before the next chunk's walk writes
+  }
+};
 
 template <int kR>
 struct ParamGrads {
@@ -25,14 +85,15 @@ struct ParamGrads {
 // walk it in reverse. g: the gradient carry from the right, updated.
 template <typename T, int kV, bool kFull>
 __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& task, const RouteParams<kV - 2>& rp,
-                                               ParamGrads<kV - 2>& acc, RowStage<kV>& stage, const T* x,
-                                               const float* dy, float* dx, float* dxdbl, int t0, int n, float& g) {
+                                               ParamGrads<kV - 2>& acc, RowStage<kV>& stage, GradStage<kV>& grads,
+                                               const T* x, const float* dy, float* dx, float* dxdbl, int t0, int n,
+                                               float& g) {
   constexpr int kChunk = chunk_for_kv(kV);
   constexpr int kR = kV - 2;
   const Shape& s = p.s;
   float hs[kChunk + 1], dts[kChunk], slopes[kChunk], xv[kChunk], dyv[kChunk];
   hs[0] = task.active ? p.ckpt[task.bkd(s, t0 / kChunk, s.num_chunks)] : 0.f;
-  stage.load(s, task, p.xdbl, t0, n);
+  stage.template load<T>(s, task, p.xdbl, t0, n);
   Cursor cur(s, task.k, t0);
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
@@ -74,19 +135,13 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       g = dh * a;
       const float dz = ddt * slopes[i];
       acc.dbias += dz;
-      float dv[kV];
-      dv[0] = dh * dt * xt;   // dB
-      dv[1] = dyt * hs[i + 1];  // dC
 #pragma unroll
-      for (int j = 0; j < kR; ++j) {
-        acc.dw[j] = fmaf(dz, v[2 + j], acc.dw[j]);
-        dv[2 + j] = dz * rp.w[j];
-      }
-      const float r = warp_reduce_scatter<kV>(dv, task.lane);
-      if ((task.lane & (kLanes / kV - 1)) == 0) atomicAdd(dxdbl + pos * (kRoutes * kV), r);
+      for (int j = 0; j < kR; ++j) acc.dw[j] = fmaf(dz, v[2 + j], acc.dw[j]);
+      grads.put(i, task.lane, pos, dz, dh * dt * xt, dyt * hs[i + 1]);
       atomicAdd(dx + pos * s.dim, task.on * fmaf(rp.Dk, dyt, dh * dt * Bt));
     }
   }
+  grads.contract(s, task.lane, dxdbl, n);
 }
 
 // Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190
@@ -97,21 +152,22 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d
   constexpr int kChunk = chunk_for_kv(kV);
   constexpr int kR = kV - 2;
   __shared__ RowStage<kV> stages[kWarpsPerBlock];
+  __shared__ GradStage<kV> grad_stages[kWarpsPerBlock];
   const Shape& s = p.s;
   const Task task(s);
   RowStage<kV>& stage = stages[task.k];
+  GradStage<kV>& grads = grad_stages[task.k];
   const RouteParams<kR> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
+  grads.set_coefficients(s, rp, task.lane);
   ParamGrads<kR> acc;
   const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
   const T* x = static_cast<const T*>(p.x) + base;
   const float* dy = p.dy + base;
   float* dx = p.dx + base;
-  // this lane's entry of the route's x_dbl row after warp_reduce_scatter
-  float* dxdbl = p.dxdbl + static_cast<long>(task.b) * s.length * kRoutes * kV + task.k * kV +
-                 (task.lane >> (5 - log2_kv<kV>()));
+  float* dxdbl = p.dxdbl + static_cast<long>(task.b) * s.length * kRoutes * (s.rank + 2) + task.k * (s.rank + 2);
   float g = task.segment_start(s, p.start);  // gradient carry from the right
   task.for_each_chunk<kChunk, true>(s, [&](auto full, int, int t0, int n) {
-    backward_chunk<T, kV, decltype(full)::value>(p, task, rp, acc, stage, x, dy, dx, dxdbl, t0, n, g);
+    backward_chunk<T, kV, decltype(full)::value>(p, task, rp, acc, stage, grads, x, dy, dx, dxdbl, t0, n, g);
   });
   if (!task.active) return;
   const long kd = static_cast<long>(task.k) * s.dim + task.d;

@@ -10,13 +10,14 @@
 namespace selective_scan {
 namespace ss2d {
 
-template <typename In, int kV, bool kReverse, bool kFull>
+// T: x's (and x_dbl's) type; In: the walked input's (x forward, fp32 dy backward).
+template <typename T, typename In, int kV, bool kReverse, bool kFull>
 __device__ __forceinline__ void summarise_chunk(const SegmentParams& p, const Task& task,
                                                 const RouteParams<kV - 2>& rp, RowStage<kV>& stage, const In* in,
                                                 int t0, int n, float& state, float& dt_total) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
-  stage.load(s, task, p.xdbl, t0, n);
+  stage.template load<T>(s, task, p.xdbl, t0, n);
   float u[kChunk];  // x (forward) or dy (backward) of each step
   Cursor cur(s, task.k, t0);
 #pragma unroll
@@ -41,8 +42,9 @@ __device__ __forceinline__ void summarise_chunk(const SegmentParams& p, const Ta
   }
 }
 
-template <typename In, int kV, bool kReverse>
+template <typename T, int kV, bool kReverse>
 __global__ void __launch_bounds__(kLanes * kWarpsPerBlock) segment_summary_kernel(const SegmentParams p) {
+  using In = std::conditional_t<kReverse, float, T>;
   constexpr int kChunk = chunk_for_kv(kV);
   __shared__ RowStage<kV> stages[kWarpsPerBlock];
   const Shape& s = p.s;
@@ -52,7 +54,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock) segment_summary_kerne
   const In* in = static_cast<const In*>(p.in) + static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
   float state = 0.f, dt_total = 0.f;
   task.for_each_chunk<kChunk, kReverse>(s, [&](auto full, int, int t0, int n) {
-    summarise_chunk<In, kV, kReverse, decltype(full)::value>(p, task, rp, stage, in, t0, n, state, dt_total);
+    summarise_chunk<T, In, kV, kReverse, decltype(full)::value>(p, task, rp, stage, in, t0, n, state, dt_total);
   });
   if (task.active) p.summary[task.bkd(s, task.segment, s.num_segments)] = make_float2(dt_total, state);
 }
@@ -80,16 +82,12 @@ __global__ void segment_combine_kernel(const Shape s, const float* __restrict__ 
 cudaError_t launch_ss2d_segment_starts(const SegmentParams& p, ScalarKind dtype, int kv, bool reverse,
                                        cudaStream_t stream) {
   const cudaError_t status = dispatch_dtype_kv(dtype, kv, [&](auto tag, auto width) {
-    using In = decltype(tag);
+    using T = decltype(tag);
     constexpr int kV = decltype(width)::value;
     if (reverse) {
-      if constexpr (std::is_same_v<In, float>) {
-        segment_summary_kernel<float, kV, true><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
-      } else {
-        return cudaErrorInvalidValue;  // the backward's input dy is fp32
-      }
+      segment_summary_kernel<T, kV, true><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
     } else {
-      segment_summary_kernel<In, kV, false><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
+      segment_summary_kernel<T, kV, false><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
     }
     return cudaGetLastError();
   });

@@ -6,11 +6,12 @@ Two implementations of one function, side by side:
   (materialised (B, 4, D, L) route copies, batched projections, `selective_scan_fn`, merge). It supports any
   d_state and is what the fused path is tested against.
 * the fused path (`backend="fused"`): one GEMM x_dbl = x W_proj^T on the channels-last rows for all four
-  routes at once (a route permutation commutes with a position-wise linear map), then the registered op
-  `selective_scan::ss2d_fwd` (CUDA kernels in csrc/ss2d_*.cu; a PyTorch implementation of the same
-  contract on other devices) that walks every route through its index map, computes dt = softplus(W_dt
-  x_dbl + bias) per step and adds the four outputs into one fp32 map. Its backward is
-  `selective_scan::ss2d_bwd`. Both ops have fake kernels, so torch.compile traces through them.
+  routes at once (a route permutation commutes with a position-wise linear map; SS2D's x_proj_weight is the
+  GEMM's weight as stored), then `scan_routes`: the CUDA dispatcher op `selective_scan_ss2d::fwd` (kernels in
+  csrc/ss2d_*.cu) walks every route through its index map, computes dt = softplus(W_dt x_dbl + bias) per
+  step and adds the four outputs into one fp32 map; its backward is `selective_scan_ss2d::bwd`. Off CUDA a
+  PyTorch implementation of the same contract runs. The ops have fake kernels, so torch.compile traces
+  through them.
 
 Dispatch rule of `ss2d_core(backend=None)`: the fused path for CUDA tensors when the extension is built,
 the routes are cross2d with K = 4, d_state N = 1, the dt rank R satisfies R + 2 <= 32 and x is
@@ -31,10 +32,10 @@ from . import ops, torch_scan
 from .ops import selective_scan_fn
 
 __all__ = ["ss2d_core", "ss2d_core_reference", "fused_core", "fused_available", "fused_unsupported_reason",
-           "route_positions", "project"]
+           "route_positions", "project", "scan_routes"]
 
 K = 4
-SUPPORTED_KV = (8, 16, 32)  # x_dbl row widths the CUDA kernels are compiled for (csrc/ss2d_fused.cuh)
+MAX_RANK = 30  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 32 floats
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -47,29 +48,17 @@ def fused_available() -> bool:
     return _CUDA_OPS and torch.cuda.is_available()
 
 
-def chunk_for_kv(kv: int) -> int:
-    """Steps between the states the CUDA forward saves for its backward (chunk_for_kv in ss2d_fused.cuh)."""
-    return 16 if kv <= 8 else 8
-
-
-def _x_dbl_width(rank: int) -> Optional[int]:
-    """Padded x_dbl row width per route for dt rank `rank` (N = 1), None if too wide."""
-    for kv in SUPPORTED_KV:
-        if kv >= rank + 2:
-            return kv
-    return None
+def checkpoint_chunk(rank: int) -> int:
+    """Steps between the states the CUDA forward saves for its backward, for dt rank `rank` (kv_for_rank and
+    chunk_for_kv in csrc/ss2d_fused.cuh)."""
+    return 16 if rank + 2 <= 8 else 8
 
 
 def project(x_last: Tensor, x_proj_weight: Tensor) -> Tensor:
-    """x_dbl of the fused ops: x_last (B, H, W, D) -> (B, H, W, 4 * kV) fp32, route k's row [B, C, dt-rank
-    values, zeros], one GEMM in x's dtype (N = 1)."""
-    dim = x_last.shape[-1]
-    rank = x_proj_weight.shape[1] - 2
-    kv = _x_dbl_width(rank)
-    w = x_proj_weight.roll(2, 1)  # rows [dt ranks, B, C] -> [B, C, dt ranks]
-    if kv > rank + 2:
-        w = F.pad(w, (0, 0, 0, kv - rank - 2))
-    return F.linear(x_last, w.reshape(K * kv, dim).to(x_last.dtype)).float()
+    """x_dbl of the fused ops: x_last (B, H, W, D) -> (B, H, W, 4 * (R + 2)) in x's dtype, route k's row
+    [dt-rank values, B, C] (N = 1): one GEMM with x_proj_weight (4, R + 2, D) as stored."""
+    x_dbl = F.linear(x_last, x_proj_weight.reshape(-1, x_last.shape[-1]).to(x_last.dtype))
+    return x_dbl.to(x_last.dtype)  # autocast may have run the GEMM in its own dtype
 
 
 def route_positions(height: int, width: int, device=None) -> Tensor:
@@ -130,21 +119,22 @@ def _route_inputs(x: Tensor, x_dbl: Tensor, dt_weight: Tensor):
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     rank = dt_weight.shape[2]
     positions = route_positions(height, width, x.device)
-    rows = x_dbl.to(dtype).reshape(batch, length, K, -1)
-    rank_rows = rows[..., 2:2 + rank]
+    rows = x_dbl.to(dtype).reshape(batch, length, K, rank + 2)
+    rank_rows = rows[..., :rank]
     delta = torch.einsum("blkr,kdr->bkdl", rank_rows, dt_weight.to(dtype))  # natural order
     u = x.reshape(batch, length, dim).transpose(1, 2).to(dtype)  # exact for 16-bit x; keeps delta unrounded
     us = torch.stack([u[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
     deltas = torch.stack([delta[:, k][:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
-    Bs = torch.stack([rows[:, positions[k], k, 0] for k in range(K)], 1).unsqueeze(2)
-    Cs = torch.stack([rows[:, positions[k], k, 1] for k in range(K)], 1).unsqueeze(2)
+    Bs = torch.stack([rows[:, positions[k], k, rank] for k in range(K)], 1).unsqueeze(2)
+    Cs = torch.stack([rows[:, positions[k], k, rank + 1] for k in range(K)], 1).unsqueeze(2)
     return us, deltas, Bs, Cs, rank_rows, positions
 
 
 def _fused_core_torch(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> Tensor:
     """The fused ops' contract in PyTorch (their forward off CUDA, and a differentiable test oracle): x
-    (B, H, W, D), x_dbl (B, H, W, 4 * kV) with route k's row [B, C, dt-rank values, zero padding]; returns
-    y (B, H, W, D) in fp32 (fp64 for fp64 inputs)."""
+    (B, H, W, D), x_dbl (B, H, W, 4 * (R + 2)) with route k's row [dt-rank values, B, C]; SS2D's parameters as
+    stored (dt_weight (4, D, R), dt_bias (4, D), A_log (4D, 1), Ds (4D,)); returns y (B, H, W, D) in fp32
+    (fp64 for fp64 inputs)."""
     batch, height, width, dim = x.shape
     us, deltas, Bs, Cs, _, positions = _route_inputs(x, x_dbl, dt_weight)
     A = -torch.exp(A_log.to(us.dtype))
@@ -154,11 +144,12 @@ def _fused_core_torch(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tens
 
 
 def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
-    """Gradients of _fused_core_torch (the backward op off CUDA, where an op body cannot re-enter autograd)."""
+    """Gradients of _fused_core_torch (the backward op's CPU kernel, where an op body cannot re-enter autograd)."""
     batch, height, width, dim = x.shape
     length = height * width
     us, deltas, Bs, Cs, rank_rows, positions = _route_inputs(x, x_dbl, dt_weight)
     dtype = us.dtype
+    rank = rank_rows.shape[-1]
     A = -torch.exp(A_log.to(dtype))
     dy_t = dy.to(dtype).reshape(batch, length, dim).transpose(1, 2)
     dys = torch.stack([dy_t[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
@@ -168,63 +159,75 @@ def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     dx = _merge_routes(du.view(batch, K, dim, length), positions)
     ddelta = ddelta.view(batch, K, dim, length)
     ddelta_natural = torch.empty_like(ddelta)
-    d_rows = x_dbl.new_zeros((batch, length, K, x_dbl.shape[-1] // K), dtype=dtype)
+    d_rows = x_dbl.new_zeros((batch, length, K, rank + 2), dtype=dtype)
     for k in range(K):
         ddelta_natural[:, k, :, positions[k]] = ddelta[:, k]
-        d_rows[:, positions[k], k, 0] = dB[:, k, 0]
-        d_rows[:, positions[k], k, 1] = dC[:, k, 0]
-    d_rows[..., 2:2 + rank_rows.shape[-1]] = torch.einsum("bkdl,kdr->blkr", ddelta_natural, dt_weight.to(dtype))
+        d_rows[:, positions[k], k, rank] = dB[:, k, 0]
+        d_rows[:, positions[k], k, rank + 1] = dC[:, k, 0]
+    d_rows[..., :rank] = torch.einsum("bkdl,kdr->blkr", ddelta_natural, dt_weight.to(dtype))
     ddt_weight = torch.einsum("bkdl,blkr->kdr", ddelta_natural, rank_rows)
     return (dx.to(x.dtype).view(x.shape), d_rows.view(x_dbl.shape).to(x_dbl.dtype), ddt_weight.to(dt_weight.dtype),
-            dbias.view(K, dim).to(dt_bias.dtype), (dA.view(K, dim) * A).to(A_log.dtype), dD.view(K, dim).to(Ds.dtype))
+            dbias.view(dt_bias.shape).to(dt_bias.dtype), (dA * A.reshape(K * dim, 1)).to(A_log.dtype),
+            dD.view(Ds.shape).to(Ds.dtype))
 
 
-@torch.library.custom_op("selective_scan::ss2d_fwd", mutates_args=())
-def ss2d_fwd(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns (y, checkpoints): y (B, H, W, D) fp32; checkpoints are the CUDA kernel's saved states for the
-    backward (empty off CUDA)."""
-    if x.is_cuda:
-        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
-        return y, ckpt
+# The ops selective_scan_ss2d::fwd / ::bwd: the CUDA extension defines them with their CUDA kernels; without it
+# they are defined here, with the schemas of csrc/ss2d_bindings.cpp. Either way the PyTorch implementation is
+# their kernel for CPU tensors, and the fake kernels let torch.compile trace them.
+if not _CUDA_OPS:
+    _LIBRARY = torch.library.Library("selective_scan_ss2d", "DEF")
+    _LIBRARY.define("fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> "
+                    "(Tensor, Tensor)")
+    _LIBRARY.define("bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, "
+                    "Tensor Ds, Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+
+
+@torch.library.impl("selective_scan_ss2d::fwd", "CPU")
+def _fwd_cpu(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     return _fused_core_torch(x, x_dbl, dt_weight, dt_bias, A_log, Ds), x.new_empty(0, dtype=torch.float32)
 
 
-@ss2d_fwd.register_fake
-def _ss2d_fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
+@torch.library.impl("selective_scan_ss2d::bwd", "CPU")
+def _bwd_cpu(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
+    return _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+
+
+@torch.library.register_fake("selective_scan_ss2d::fwd")
+def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     batch, height, width, dim = x.shape
     y = x.new_empty(x.shape, dtype=torch.float32)
     if x.device.type != "cuda":
         return y, x.new_empty(0, dtype=torch.float32)
-    chunk = chunk_for_kv(x_dbl.shape[-1] // K)
-    return y, x.new_empty((batch, K, -(-height * width // chunk), dim), dtype=torch.float32)
+    chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2]))
+    return y, x.new_empty((batch, K, chunks, dim), dtype=torch.float32)
 
 
-@torch.library.custom_op("selective_scan::ss2d_bwd", mutates_args=())
-def ss2d_bwd(dy: Tensor, x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor,
-             ckpt: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Returns (dx (x's dtype), dx_dbl, d dt_weight, d dt_bias, dA_log, dDs), the last five fp32."""
-    if x.is_cuda:
-        return tuple(torch.ops.selective_scan_ss2d.bwd(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt))
-    return _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds)
-
-
-@ss2d_bwd.register_fake
-def _ss2d_bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
+@torch.library.register_fake("selective_scan_ss2d::bwd")
+def _bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
     return (torch.empty_like(x), torch.empty_like(x_dbl), torch.empty_like(dt_weight), torch.empty_like(dt_bias),
             torch.empty_like(A_log), torch.empty_like(Ds))
 
 
-def _setup_context(ctx, inputs, output):
-    _, ckpt = output
-    ctx.mark_non_differentiable(ckpt)
-    ctx.save_for_backward(*inputs, ckpt)
+class _ScanRoutes(torch.autograd.Function):
+    # An autograd.Function around the dispatcher ops rather than a torch.library custom op: in eager mode a
+    # custom op's Python wrappers cost the host about 0.2 ms per forward + backward, and the model is
+    # host-bound in training on slower hosts. torch.compile traces through it (the ops have fake kernels).
+    @staticmethod
+    def forward(ctx, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
+        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+        ctx.save_for_backward(x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        return tuple(torch.ops.selective_scan_ss2d.bwd(dy.float().contiguous(), *ctx.saved_tensors))
 
 
-def _backward(ctx, dy, _dckpt):
-    return ss2d_bwd(dy.float().contiguous(), *ctx.saved_tensors)
-
-
-ss2d_fwd.register_autograd(_backward, setup_context=_setup_context)
+def scan_routes(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> Tensor:
+    """The fused ops, differentiable: x (B, H, W, D) contiguous, x_dbl = project(x, x_proj_weight), SS2D's
+    dt_projs_weight (4, D, R), dt_projs_bias (4, D), A_logs (4D, 1) and Ds (4D,) in fp32; returns the merged
+    scan output y (B, H, W, D) in fp32."""
+    return _ScanRoutes.apply(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
 
 
 # ----------------------------------------------------------------------------------- user-facing entry
@@ -261,8 +264,8 @@ def fused_unsupported_reason(x: Tensor, rank: int, d_state: int) -> Optional[str
     """None when the fused path takes this call, else why not (the dispatch rule of the module docstring)."""
     if d_state != 1:
         return f"d_state is {d_state}; the fused kernel supports d_state 1"
-    if _x_dbl_width(rank) is None:
-        return f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused kernel holds at most {SUPPORTED_KV[-1]}"
+    if rank > MAX_RANK:
+        return f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused kernel holds at most {MAX_RANK + 2}"
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of {_DTYPES}"
     if x.is_cuda and not _CUDA_OPS:
@@ -290,13 +293,15 @@ def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_proj
     return fused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
 
 
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
+
+
 def fused_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
                Ds: Tensor, channel_first: bool = True) -> Tensor:
     """The fused path of ss2d_core without its argument checks, for callers that have checked the call with
     fused_unsupported_reason and whose parameters have SS2D's shapes (the SS2D module)."""
-    dim = x.shape[1]
     x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels-last storage
-    y, _ = torch.ops.selective_scan.ss2d_fwd(
-        x_last, project(x_last, x_proj_weight), dt_projs_weight.float().contiguous(), dt_projs_bias.float().contiguous(),
-        A_logs.float().view(K, dim), Ds.float().view(K, dim))
+    y = scan_routes(x_last, project(x_last, x_proj_weight), _fp32(dt_projs_weight).contiguous(),
+                    _fp32(dt_projs_bias).contiguous(), _fp32(A_logs).contiguous(), _fp32(Ds).contiguous())
     return _as_output(y, channel_first)
