@@ -14,9 +14,10 @@ medians of CUDA-event timings. Also timed: the x_dbl GEMM alone and the fused fo
 Bytes per element for the bandwidth columns are what any SS2D core implementation must move per (batch,
 position, channel) element, with s the bytes of x's dtype: forward s + 4 (x read, fp32 y written),
 forward+backward 8 + 3s (plus dy read 4, x read s, dx written s). x_dbl (4 (R + 2) values of x's dtype per
-position, < 1 B per element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured in the same run.
+position, < 1 B per element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured
+in the same run.
 
-    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--json out.json]
+    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--width 96] [--json out.json]
 """
 
 import argparse
@@ -38,16 +39,17 @@ def time_gpu(fn):
     return bench_scan.time_gpu(fn, warmup=5, repeat=20)
 
 
-def stage_shape(stage, image):
-    """(d_model, D, dt rank, map height, map width) of VMamba-T's stage at input size image = (H, W): the stem
-    and every downsample halve the map, rounding up."""
-    d_model = 96 * 2 ** (stage - 1)
+def stage_shape(stage, image, stage1_width=96):
+    """(d_model, D, dt rank, map height, map width) of the stage at input size image = (H, W) of a VMamba whose
+    stage 1 is stage1_width wide (96: VMamba-T/S, 128: VMamba-B): the stem and every downsample halve the map,
+    rounding up."""
+    d_model = stage1_width * 2 ** (stage - 1)
     height, width = (math.ceil(side / 2 ** (stage + 1)) for side in image)
     return d_model, 2 * d_model, math.ceil(d_model / 16), height, width
 
 
-def bench_stage(stage, batch, dtype, image=(224, 224)):
-    d_model, dim, rank, height, width = stage_shape(stage, image)
+def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96):
+    d_model, dim, rank, height, width = stage_shape(stage, image, stage1_width)
     torch.manual_seed(stage)
     module = SS2D(d_model=d_model, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", conv_bias=False,
                   channel_first=True).cuda()
@@ -108,12 +110,13 @@ def main(argv=None):
     parser.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--image", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                         help="input image size the stage maps derive from (e.g. 800 1333 for detection)")
+    parser.add_argument("--width", type=int, default=96, help="stage-1 width: 96 (VMamba-T/S) or 128 (VMamba-B)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
                   copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:
-        result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image)))
+        result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image), args.width))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -47,13 +47,15 @@ constexpr int kLanes = kWarpSize;
 constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, segment, channel group)
 
 // On chip, a route's x_dbl row is kept as [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
-// two (8, 16, 32) so that a row is whole 16-byte words; kV is the narrowest that holds R + 2 values.
-constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32; }
-constexpr int kv_for_rank(int rank) { return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : 0; }
+// two (8 ... 64) so that a row is whole 16-byte words; kV is the narrowest that holds R + 2 values.
+constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32 || kv == 64; }
+constexpr int kv_for_rank(int rank) {
+  return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : rank + 2 <= 64 ? 64 : 0;
+}
 // Steps between saved states (and per load batch); the backward holds 5 values per step of a chunk in
-// registers, so wide x_dbl rows (more registers for W_dt and its gradient) get shorter chunks. ss2d.py
-// chunk_for_kv mirrors this rule.
-constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : 8; }
+// registers, so wide x_dbl rows (more registers for W_dt's gradient) get shorter chunks. ss2d.py
+// checkpoint_chunk mirrors this rule.
+constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : kv <= 32 ? 8 : 4; }
 
 // Blocks per SM the forward and backward kernels are compiled for (their register caps).
 constexpr int kFwdBlocksPerSm = 4;
@@ -263,18 +265,11 @@ struct RouteParams {
   }
 };
 
-// dt pre-activation z = bias + W_dt . x_dbl[2:]
-template <int kV>
-__device__ __forceinline__ float dt_preact(const RouteParams<kV - 2>& rp, const float (&v)[kV]) {
-  float z = rp.bias;
-#pragma unroll
-  for (int j = 0; j < kV - 2; ++j) z = fmaf(rp.w[j], v[2 + j], z);
-  return z;
-}
 
 // Per-warp shared-memory copy of a chunk's x_dbl rows in the on-chip order: the rows are warp-uniform, so
-// they are fetched once per chunk (kV lanes per row, all of the chunk's loads in flight together) and read
-// back as shared-memory broadcasts of whole 16-byte words, instead of one dependent global load per step.
+// they are fetched once per chunk (the lanes spread over the chunk's row values, all loads in flight together)
+// and read back as shared-memory broadcasts of whole 16-byte words, instead of one dependent global load per
+// step.
 template <int kV, int kChunk = chunk_for_kv(kV)>
 struct RowStage {
   alignas(16) float vals[kChunk * kV];
@@ -282,33 +277,48 @@ struct RowStage {
   // Rows of steps t0 .. t0 + n - 1 of route k, from x_dbl (B, L, K, R + 2) of type T.
   template <typename T>
   __device__ __forceinline__ void load(const Shape& s, const Task& task, const void* xdbl, int t0, int n) {
-    constexpr int kRowsPerPass = kLanes / kV;
-    const int j = task.lane % kV, width = s.rank + 2;  // j: index in the global row [dt..., B, C]
-    const int slot = j < s.rank ? 2 + j : j < width ? j - s.rank : j;  // its on-chip index; padding stays put
+    const int width = s.rank + 2;
     const T* rows = static_cast<const T*>(xdbl) + static_cast<long>(task.b) * s.length * kRoutes * width +
-                    task.k * width + j;
-    // lane i < kChunk finds step i's position once; each pass takes its row's from that lane
+                    task.k * width;
+    // lane i < kChunk finds step i's position once; each load takes its row's from that lane
     const int my_pos = route_position(s, task.k, t0 + min(task.lane, n - 1));
     __syncwarp();  // every lane is done with the previous chunk's rows
 #pragma unroll
-    for (int i0 = 0; i0 < kChunk; i0 += kRowsPerPass) {
-      const int i = i0 + task.lane / kV;
+    for (int q0 = 0; q0 < kChunk * kV; q0 += kLanes) {
+      const int q = q0 + task.lane, i = q / kV, j = q % kV;  // value j of row i; j indexes [dt..., B, C]
+      const int slot = j < s.rank ? 2 + j : j < width ? j - s.rank : j;  // its on-chip index; padding stays put
       const int pos = __shfl_sync(kFullMask, my_pos, i);
-      if (i < n) vals[i * kV + slot] = j < width ? load_float(rows + static_cast<long>(pos) * kRoutes * width) : 0.f;
+      if (i < n) vals[i * kV + slot] = j < width ? load_float(rows + static_cast<long>(pos) * kRoutes * width + j) : 0.f;
     }
     __syncwarp();
   }
-  __device__ __forceinline__ void read(int i, float (&v)[kV]) const {
-#pragma unroll
-    for (int q = 0; q < kV / 4; ++q) {
-      const float4 f = reinterpret_cast<const float4*>(vals)[i * (kV / 4) + q];
-      v[4 * q] = f.x;
-      v[4 * q + 1] = f.y;
-      v[4 * q + 2] = f.z;
-      v[4 * q + 3] = f.w;
-    }
+  // 16-byte word q of step i's row: word 0 is [B, C, first two dt-rank values]
+  __device__ __forceinline__ float4 word(int i, int q) const {
+    return reinterpret_cast<const float4*>(vals)[i * (kV / 4) + q];
   }
 };
+
+// Calls f(j, value) for each dt-rank value x_dbl[2 + j] (j < kV - 2, zero past R) of step i's row, reading the
+// row a word at a time (wide rows are never held in registers whole).
+template <int kV, typename F>
+__device__ __forceinline__ void for_each_rank_value(const RowStage<kV>& stage, int i, F&& f) {
+#pragma unroll
+  for (int q = 0; q < kV / 4; ++q) {
+    const float4 word = stage.word(i, q);
+    const float values[4] = {word.x, word.y, word.z, word.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (4 * q + e >= 2) f(4 * q + e - 2, values[e]);
+  }
+}
+
+// dt pre-activation z = bias + W_dt . x_dbl[2:] of step i
+template <int kV>
+__device__ __forceinline__ float dt_preact(const RouteParams<kV - 2>& rp, const RowStage<kV>& stage, int i) {
+  float z = rp.bias;
+  for_each_rank_value(stage, i, [&](int j, float v) { z = fmaf(rp.w[j], v, z); });
+  return z;
+}
 
 // launch(element tag, std::integral_constant<int, kV>) for x's dtype and the x_dbl row width kv: the one place
 // that maps the runtime choices onto the compiled kernel instances (forward and backward).
@@ -319,6 +329,7 @@ cudaError_t dispatch_dtype_kv(ScalarKind dtype, int kv, Launch&& launch) {
       case 8: return launch(tag, std::integral_constant<int, 8>{});
       case 16: return launch(tag, std::integral_constant<int, 16>{});
       case 32: return launch(tag, std::integral_constant<int, 32>{});
+      case 64: return launch(tag, std::integral_constant<int, 64>{});
       default: return cudaErrorInvalidValue;
     }
   };

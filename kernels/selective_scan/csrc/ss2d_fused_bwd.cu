@@ -18,24 +18,28 @@ namespace ss2d {
 // and the coefficient W_dt[k, d, j]; for B and C the terms are dB's and dC's per-channel parts and the
 // coefficient 1. After the reverse walk, lanes take (row value j = lane % kV, step i = lane / kV + multiples
 // of 32 / kV): kV multiply-adds per step and lane, where a shuffle reduction across the warp costs ~5 kV
-// instructions per step. Rows are 36 words apart, so that the words read together (the three terms of a
-// step; the coefficients of 8 values) sit in different banks.
+// instructions per step (rows wider than 32 values: each lane takes two). Rows are 36 words apart, so that
+// the words read together (the three terms of a step; the coefficients of 8 values) sit in different banks.
 template <int kV, int kChunk = chunk_for_kv(kV)>
 struct GradStage {
   static constexpr int kStride = kLanes + 4;
   static constexpr int kDz = 0, kDB = 1, kDC = 2;  // term kinds
   alignas(16) float terms[kChunk][3][kStride];
-  alignas(16) float coef[kV][kStride];  // rows R, R + 1 (B, C) hold ones
+  alignas(16) float coef[kV][kStride];  // rows R, R + 1 (B, C) hold ones, later rows zeros
   int pos[kChunk];                      // raster position of each step
 
   // Once per kernel: lane = channel d writes its coefficients.
   template <int kR>
   __device__ __forceinline__ void set_coefficients(const Shape& s, const RouteParams<kR>& rp, int lane) {
 #pragma unroll
-    for (int j = 0; j < kR; ++j)
-      if (j < s.rank) coef[j][lane] = rp.w[j];
-    coef[s.rank][lane] = 1.f;
-    coef[s.rank + 1][lane] = 1.f;
+    for (int j = 0; j < kV; ++j) coef[j][lane] = j < kR && j < s.rank ? rp.w[j < kR ? j : 0] : j < s.rank + 2 ? 1.f : 0.f;
+  }
+  // The dt pre-activation of step i with W_dt from the coefficients (for rows too wide to keep W_dt in
+  // registers beside its gradient).
+  __device__ __forceinline__ float dt_preact(float bias, const RowStage<kV>& stage, int i, int lane) const {
+    float z = bias;
+    for_each_rank_value(stage, i, [&](int j, float v) { z = fmaf(coef[j][lane], v, z); });
+    return z;
   }
   __device__ __forceinline__ void put(int i, int lane, int pos_i, float dz, float dB, float dC) {
     terms[i][kDz][lane] = dz;
@@ -45,15 +49,18 @@ struct GradStage {
   }
   // Adds the chunk's n row gradients into dxdbl (this sample and route's (L, K, R + 2) rows).
   __device__ __forceinline__ void contract(const Shape& s, int lane, float* dxdbl, int n) {
-    constexpr int kStepsPerPass = kLanes / kV, kSteps = kChunk / kStepsPerPass;  // kSteps steps per lane
-    const int j = lane % kV, width = s.rank + 2, first = lane / kV;
+    constexpr int kRowLanes = kV < kLanes ? kV : kLanes;  // lanes per row
+    constexpr int kStepsPerPass = kLanes / kRowLanes, kSteps = kChunk / kStepsPerPass;  // kSteps steps per lane
+    const int width = s.rank + 2, first = lane / kRowLanes;
     __syncwarp();  // the walk's terms are in
-    if (j < width) {
+#pragma unroll
+    for (int j = lane % kRowLanes; j < kV; j += kRowLanes) {
+      if (j >= width) break;
       const int kind = j < s.rank ? kDz : j == s.rank ? kDB : kDC;
       float sum[kSteps];
 #pragma unroll
       for (int q = 0; q < kSteps; ++q) sum[q] = 0.f;
-#pragma unroll
+#pragma unroll 1  // unrolled, the compiler hoists the loads and spills (168-register cap)
       for (int d = 0; d < kLanes; d += 4) {
         const float4 c = *reinterpret_cast<const float4*>(&coef[j][d]);
 #pragma unroll
@@ -107,24 +114,22 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     if (kFull || i < n) {
-      float v[kV];
-      stage.read(i, v);
-      const float z = dt_preact<kV>(rp, v);
+      // rows wider than 32: W_dt from shared memory, its registers go to its gradient
+      const float z = kV > 32 ? grads.dt_preact(rp.bias, stage, i, task.lane) : dt_preact(rp, stage, i);
       float e;
       dts[i] = softplus(z, e);
       slopes[i] = softplus_slope(z, e);
-      hs[i + 1] = fmaf(fast_exp2(dts[i] * rp.A2), hs[i], dts[i] * v[0] * xv[i]);
+      hs[i + 1] = fmaf(fast_exp2(dts[i] * rp.A2), hs[i], dts[i] * stage.word(i, 0).x * xv[i]);
     }
   }
-  __syncwarp();  // re-read the rows below rather than keep the whole chunk's rows in registers
+  __syncwarp();
 #pragma unroll
   for (int i = kChunk - 1; i >= 0; --i) {
     if (kFull || i < n) {
       cur.retreat();
       const int pos = cur.pos;
-      float v[kV];
-      stage.read(i, v);
-      const float Bt = v[0], Ct = v[1], dt = dts[i], a = fast_exp2(dt * rp.A2), xt = xv[i], dyt = dyv[i];
+      const float4 bc = stage.word(i, 0);
+      const float Bt = bc.x, Ct = bc.y, dt = dts[i], a = fast_exp2(dt * rp.A2), xt = xv[i], dyt = dyv[i];
       // y_t = C h_t + D x_t
       const float dh = fmaf(Ct, dyt, g);
       acc.dD = fmaf(dyt, xt, acc.dD);
@@ -135,14 +140,19 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       g = dh * a;
       const float dz = ddt * slopes[i];
       acc.dbias += dz;
-#pragma unroll
-      for (int j = 0; j < kR; ++j) acc.dw[j] = fmaf(dz, v[2 + j], acc.dw[j]);
+      for_each_rank_value(stage, i, [&](int j, float v) { acc.dw[j] = fmaf(dz, v, acc.dw[j]); });
       grads.put(i, task.lane, pos, dz, dh * dt * xt, dyt * hs[i + 1]);
       atomicAdd(dx + pos * s.dim, task.on * fmaf(rp.Dk, dyt, dh * dt * Bt));
     }
   }
   grads.contract(s, task.lane, dxdbl, n);
 }
+
+template <int kV>
+struct BwdShared {
+  RowStage<kV> rows[kWarpsPerBlock];
+  GradStage<kV> grads[kWarpsPerBlock];
+};
 
 // Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190
 // registers (a chunk's recomputed values plus its loads in flight); capped at 168 (3 blocks, 12 warps per SM)
@@ -151,12 +161,12 @@ template <typename T, int kV>
 __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
   constexpr int kR = kV - 2;
-  __shared__ RowStage<kV> stages[kWarpsPerBlock];
-  __shared__ GradStage<kV> grad_stages[kWarpsPerBlock];
+  extern __shared__ float4 shared_words[];  // BwdShared<kV>, dynamic (over 48 KB for kV = 64)
+  auto& shared = *reinterpret_cast<BwdShared<kV>*>(shared_words);
   const Shape& s = p.s;
   const Task task(s);
-  RowStage<kV>& stage = stages[task.k];
-  GradStage<kV>& grads = grad_stages[task.k];
+  RowStage<kV>& stage = shared.rows[task.k];
+  GradStage<kV>& grads = shared.grads[task.k];
   const RouteParams<kR> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
   grads.set_coefficients(s, rp, task.lane);
   ParamGrads<kR> acc;
@@ -181,7 +191,15 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d
 
 cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaStream_t stream) {
   return dispatch_dtype_kv(dtype, kv, [&](auto tag, auto width) {
-    ss2d_bwd_kernel<decltype(tag), decltype(width)::value><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
+    constexpr int kV = decltype(width)::value;
+    const auto kernel = ss2d_bwd_kernel<decltype(tag), kV>;
+    constexpr int bytes = sizeof(BwdShared<kV>);
+    // the opt-in above 48 KB is per kernel and device: set it on every launch (a cheap attribute write)
+    if (bytes > 48 * 1024) {
+      const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+      if (status != cudaSuccess) return status;
+    }
+    kernel<<<num_blocks(p.s), kLanes * kWarpsPerBlock, bytes, stream>>>(p);
     return cudaGetLastError();
   });
 }

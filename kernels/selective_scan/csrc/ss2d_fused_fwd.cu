@@ -27,12 +27,11 @@ __device__ __forceinline__ void forward_chunk(const FwdParams& p, const Task& ta
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     if (kFull || i < n) {
-      float v[kV];
-      stage.read(i, v);
+      const float4 bc = stage.word(i, 0);  // B, C
       float e;
-      const float dt = softplus(dt_preact<kV>(rp, v), e);
-      h = fmaf(fast_exp2(dt * rp.A2), h, dt * v[0] * xv[i]);
-      atomicAdd(y + off[i], task.on * fmaf(v[1], h, rp.Dk * xv[i]));
+      const float dt = softplus(dt_preact(rp, stage, i), e);
+      h = fmaf(fast_exp2(dt * rp.A2), h, dt * bc.x * xv[i]);
+      atomicAdd(y + off[i], task.on * fmaf(bc.y, h, rp.Dk * xv[i]));
     }
   }
 }

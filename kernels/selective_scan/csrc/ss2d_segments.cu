@@ -31,13 +31,12 @@ __device__ __forceinline__ void summarise_chunk(const SegmentParams& p, const Ta
   for (int j = 0; j < kChunk; ++j) {
     const int i = kReverse ? kChunk - 1 - j : j;
     if (kFull || i < n) {
-      float v[kV];
-      stage.read(i, v);
+      const float4 bc = stage.word(i, 0);  // B, C
       float e;
-      const float dt = softplus(dt_preact<kV>(rp, v), e);
+      const float dt = softplus(dt_preact(rp, stage, i), e);
       const float a = fast_exp2(dt * rp.A2);
       dt_total += dt;
-      state = kReverse ? a * fmaf(v[1], u[i], state) : fmaf(a, state, dt * v[0] * u[i]);
+      state = kReverse ? a * fmaf(bc.y, u[i], state) : fmaf(a, state, dt * bc.x * u[i]);
     }
   }
 }
