@@ -52,7 +52,7 @@ constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32 || 
 constexpr int kv_for_rank(int rank) {
   return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : rank + 2 <= 64 ? 64 : 0;
 }
-// Steps between saved states (and per load batch); the backward holds 5 values per step of a chunk in
+// Steps between saved states (and per load batch); the backward holds 4 values per step of a chunk in
 // registers, so wide x_dbl rows (more registers for W_dt's gradient) get shorter chunks. ss2d.py
 // checkpoint_chunk mirrors this rule.
 constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : kv <= 32 ? 8 : 4; }
@@ -288,7 +288,8 @@ struct RowStage {
       const int q = q0 + task.lane, i = q / kV, j = q % kV;  // value j of row i; j indexes [dt..., B, C]
       const int slot = j < s.rank ? 2 + j : j < width ? j - s.rank : j;  // its on-chip index; padding stays put
       const int pos = __shfl_sync(kFullMask, my_pos, i);
-      if (i < n) vals[i * kV + slot] = j < width ? load_float(rows + static_cast<long>(pos) * kRoutes * width + j) : 0.f;
+      if (i < n)
+        vals[i * kV + slot] = j < width ? load_float(rows + static_cast<long>(pos) * kRoutes * width + j) : 0.f;
     }
     __syncwarp();
   }

@@ -1,7 +1,7 @@
 // Fused SS2D backward (see ss2d_fused.cuh). The gradient reaching h_t is dh_t = C_t dy_t + g_{t+1} with the
 // carry g_t = a_t dh_t. Each warp walks its route segment's chunks from the last, starting from the carry
-// entering the segment from its end: loads the chunk, recomputes its forward from the checkpoint (h, dt, dt's
-// slope, x, dy kept in registers), then walks it in reverse.
+// entering the segment from its end: loads the chunk, recomputes its forward from the checkpoint (h, dt, x, dy
+// kept in registers), then walks it in reverse.
 //
 // Per step, dx (lane = channel) is an atomic add into fp32 dx. The gradient of the route's x_dbl row at each
 // position ([d dt-rank values..., dB, dC]) is a sum over the warp's 32 channels: the reverse walk leaves each
@@ -32,7 +32,11 @@ struct GradStage {
   template <int kR>
   __device__ __forceinline__ void set_coefficients(const Shape& s, const RouteParams<kR>& rp, int lane) {
 #pragma unroll
-    for (int j = 0; j < kV; ++j) coef[j][lane] = j < kR && j < s.rank ? rp.w[j < kR ? j : 0] : j < s.rank + 2 ? 1.f : 0.f;
+    for (int j = 0; j < kV; ++j) {
+      float c = j < s.rank + 2 ? 1.f : 0.f;  // B and C: ones; padding: zeros
+      if (j < kR && j < s.rank) c = rp.w[j];
+      coef[j][lane] = c;
+    }
   }
   // The dt pre-activation of step i with W_dt from the coefficients (for rows too wide to keep W_dt in
   // registers beside its gradient).
@@ -98,7 +102,7 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
   constexpr int kChunk = chunk_for_kv(kV);
   constexpr int kR = kV - 2;
   const Shape& s = p.s;
-  float hs[kChunk + 1], dts[kChunk], slopes[kChunk], xv[kChunk], dyv[kChunk];
+  float hs[kChunk + 1], dts[kChunk], xv[kChunk], dyv[kChunk];
   hs[0] = task.active ? p.ckpt[task.bkd(s, t0 / kChunk, s.num_chunks)] : 0.f;
   stage.template load<T>(s, task, p.xdbl, t0, n);
   Cursor cur(s, task.k, t0);
@@ -118,11 +122,10 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       const float z = kV > 32 ? grads.dt_preact(rp.bias, stage, i, task.lane) : dt_preact(rp, stage, i);
       float e;
       dts[i] = softplus(z, e);
-      slopes[i] = softplus_slope(z, e);
       hs[i + 1] = fmaf(fast_exp2(dts[i] * rp.A2), hs[i], dts[i] * stage.word(i, 0).x * xv[i]);
     }
   }
-  __syncwarp();
+  __syncwarp();  // re-read the rows below rather than keep the whole chunk's rows in registers
 #pragma unroll
   for (int i = kChunk - 1; i >= 0; --i) {
     if (kFull || i < n) {
@@ -138,7 +141,7 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       const float ddt = fmaf(dh, Bt * xt, da * a * rp.A);
       acc.dA = fmaf(da * a, dt, acc.dA);
       g = dh * a;
-      const float dz = ddt * slopes[i];
+      const float dz = ddt * softplus_slope_from_value(dt);  // dt's slope from dt: one array fewer in registers
       acc.dbias += dz;
       for_each_rank_value(stage, i, [&](int j, float v) { acc.dw[j] = fmaf(dz, v, acc.dw[j]); });
       grads.put(i, task.lane, pos, dz, dh * dt * xt, dyt * hs[i + 1]);
@@ -156,7 +159,7 @@ struct BwdShared {
 
 // Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190
 // registers (a chunk's recomputed values plus its loads in flight); capped at 168 (3 blocks, 12 warps per SM)
-// it spills at most a few words.
+// it spills up to ~140 bytes per thread (kV 8).
 template <typename T, int kV>
 __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
