@@ -111,13 +111,13 @@ def test_dispatch_rule_and_validation():
     torch.testing.assert_close(ss2d.ss2d_core(x, **params), ss2d.ss2d_core_reference(x, **params), rtol=0, atol=0)
     assert ss2d.fused_unsupported_reason(x, 2, 1) is None
     assert "d_state" in ss2d.fused_unsupported_reason(x, 2, 16)
-    assert ss2d.fused_unsupported_reason(x, 62, 1) is None
-    assert "dt rank 64" in ss2d.fused_unsupported_reason(x, 64, 1)
+    assert ss2d.fused_unsupported_reason(x, 66, 1) is None
+    assert "dt rank 67" in ss2d.fused_unsupported_reason(x, 67, 1)
     assert "dtype" in ss2d.fused_unsupported_reason(x.double(), 2, 1)
     with pytest.raises(RuntimeError, match="backend='fused'.*d_state is 4"):
         ss2d.ss2d_core(x, **make_params(8, 2, d_state=4), backend="fused")
-    with pytest.raises(RuntimeError, match="dt rank 63"):
-        ss2d.ss2d_core(x, **make_params(8, 63), backend="fused")
+    with pytest.raises(RuntimeError, match="dt rank 67"):
+        ss2d.ss2d_core(x, **make_params(8, 67), backend="fused")
     # v0-style d_state 4 still works through the reference
     assert ss2d.ss2d_core(x, **make_params(8, 2, d_state=4)).shape == (1, 8, 3, 4)
     with pytest.raises(ValueError, match="`x` must be"):
@@ -227,12 +227,12 @@ def check_op(fused, oracle, dtype):
 
 
 # (batch, D, H, W, dt rank): odd channel counts (partial warps), thin maps, maps shorter than one tile (64
-# steps) and spanning several, partial last chunks, every x_dbl width (8, 16, 32, 64). Small batches cut the
+# steps) and spanning several, partial last chunks, every x_dbl width (8, 16, 32, 64, 68). Small batches cut the
 # routes into segments of 4 chunks (several, some with a partial last one, wherever a map has more than 4
 # chunks); a batch of 300 fills an H100 with one block per (batch, channel group) and runs unsegmented.
 CUDA_SHAPES = [(2, 37, 5, 7, 6), (1, 64, 13, 11, 12), (3, 100, 1, 33, 24), (2, 32, 17, 1, 2), (1, 40, 24, 40, 6),
                (2, 70, 9, 23, 30), (1, 33, 1, 1, 6), (2, 48, 31, 3, 12), (300, 32, 3, 5, 6), (2, 40, 7, 9, 32),
-               (3, 36, 5, 6, 48), (1, 64, 13, 3, 62)]
+               (3, 36, 5, 6, 48), (1, 64, 13, 3, 62), (2, 40, 5, 9, 64), (1, 33, 6, 7, 66)]
 
 
 @pytest.mark.cuda
@@ -330,10 +330,10 @@ def test_fused_ss2d_module_matches_unfused(dtype, config, channel_first):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("name, expected", [("vmamba_tiny_s1l8", [True, True, True, True]),
-                                            ("vmamba_base_s2l15", [True, True, True, False])])
+                                            ("vmamba_base_s2l15", [True, True, True, True])])
 def test_model_dispatch(name, expected):
-    """dt ranks up to 62 are fused: every stage of VMamba-T (6 / 12 / 24 / 48); VMamba-B's stage 4 (64, x_dbl
-    rows of 66 values) is not."""
+    """dt ranks up to 66 are fused: every stage of VMamba-T (6 / 12 / 24 / 48) and VMamba-B (8 / 16 / 32 /
+    64)."""
     import classification.models as models
     model = getattr(models, name)(num_classes=10)
     fused = []

@@ -62,7 +62,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   s.length = s.height * s.width;
   s.rank = static_cast<int>(dt_weight.size(2));
   pr.kv = kv_for_rank(s.rank);
-  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", s.rank, " is not supported (R + 2 must be at most 64)");
+  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", s.rank, " is not supported (R + 2 must be at most ", kWidestRow, ")");
   check(x_dbl, "x_dbl", x.scalar_type(), {x.size(0), x.size(1), x.size(2), kRoutes * (s.rank + 2)}, x);
   check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
   check(dt_bias, "dt_bias", at::kFloat, {kRoutes, x.size(3)}, x);

@@ -46,11 +46,14 @@ constexpr int kRoutes = 4;
 constexpr int kLanes = kWarpSize;
 constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, segment, channel group)
 
-// On chip, a route's x_dbl row is kept as [B, C, dt-rank values..., zero padding] in kV floats, kV a power of
-// two (8 ... 64) so that a row is whole 16-byte words; kV is the narrowest that holds R + 2 values.
-constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32 || kv == 64; }
+// On chip, a route's x_dbl row is kept as [B, C, dt-rank values..., zero padding] in kV floats, kV a multiple
+// of 4 so that a row is whole 16-byte words: 8, 16, 32, 64, and 68 for VMamba-B's stage 4 (R = 64); kV is the
+// narrowest that holds R + 2 values.
+constexpr int kWidestRow = 68;
+constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32 || kv == 64 || kv == kWidestRow; }
 constexpr int kv_for_rank(int rank) {
-  return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : rank + 2 <= 64 ? 64 : 0;
+  return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : rank + 2 <= 64 ? 64
+       : rank + 2 <= kWidestRow ? kWidestRow : 0;
 }
 // Steps between saved states (and per load batch); the backward holds 4 values per step of a chunk in
 // registers, so wide x_dbl rows (more registers for W_dt's gradient) get shorter chunks. ss2d.py
@@ -331,6 +334,7 @@ cudaError_t dispatch_dtype_kv(ScalarKind dtype, int kv, Launch&& launch) {
       case 16: return launch(tag, std::integral_constant<int, 16>{});
       case 32: return launch(tag, std::integral_constant<int, 32>{});
       case 64: return launch(tag, std::integral_constant<int, 64>{});
+      case kWidestRow: return launch(tag, std::integral_constant<int, kWidestRow>{});
       default: return cudaErrorInvalidValue;
     }
   };

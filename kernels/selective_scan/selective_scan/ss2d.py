@@ -14,8 +14,8 @@ Two implementations of one function, side by side:
   through them.
 
 Dispatch rule of `ss2d_core(backend=None)`: the fused path for CUDA tensors when the extension is built,
-the routes are cross2d with K = 4, d_state N = 1, the dt rank R satisfies R + 2 <= 64 and x is
-fp32/fp16/bf16; the reference otherwise (e.g. VMamba-B stage 4 with R = 64, d_state 16 of v0, CPU).
+the routes are cross2d with K = 4, d_state N = 1, the dt rank R satisfies R + 2 <= 68 and x is
+fp32/fp16/bf16 (every stage of the published v2 models); the reference otherwise (d_state 16 of v0, CPU).
 `fused_unsupported_reason` says why a call is not fused. Nothing falls back silently at run time: a call
 the fused op cannot take is rejected before it starts.
 """
@@ -35,7 +35,7 @@ __all__ = ["ss2d_core", "ss2d_core_reference", "fused_core", "fused_available", 
            "route_positions", "project", "scan_routes"]
 
 K = 4
-MAX_RANK = 62  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 64 floats
+MAX_RANK = 66  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 68 floats (kWidestRow)
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
