@@ -35,7 +35,9 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
 #include <type_traits>
+#include <utility>
 
 #include "scan_common.cuh"  // ScalarKind, kFullMask, kLog2e, fast_exp2, softplus
 
@@ -47,13 +49,14 @@ constexpr int kLanes = kWarpSize;
 constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, segment, channel group)
 
 // On chip, a route's x_dbl row is kept as [B, C, dt-rank values..., zero padding] in kV floats, kV a multiple
-// of 4 so that a row is whole 16-byte words: 8, 16, 32, 64, and 68 for VMamba-B's stage 4 (R = 64); kV is the
-// narrowest that holds R + 2 values.
-constexpr int kWidestRow = 68;
-constexpr bool supported_kv(int kv) { return kv == 8 || kv == 16 || kv == 32 || kv == 64 || kv == kWidestRow; }
+// of 4 so that a row is whole 16-byte words; kV is the narrowest of kRowWidths that holds R + 2 values (68:
+// VMamba-B's stage 4, R = 64). The kernels are compiled for each width (dispatch_dtype_kv).
+constexpr int kRowWidths[] = {8, 16, 32, 64, 68};
+constexpr int kWidestRow = kRowWidths[std::size(kRowWidths) - 1];
 constexpr int kv_for_rank(int rank) {
-  return rank + 2 <= 8 ? 8 : rank + 2 <= 16 ? 16 : rank + 2 <= 32 ? 32 : rank + 2 <= 64 ? 64
-       : rank + 2 <= kWidestRow ? kWidestRow : 0;
+  for (const int kv : kRowWidths)
+    if (rank + 2 <= kv) return kv;
+  return 0;
 }
 // Steps between saved states (and per load batch); the backward holds 4 values per step of a chunk in
 // registers, so wide x_dbl rows (more registers for W_dt's gradient) get shorter chunks. ss2d.py
@@ -179,6 +182,10 @@ struct Task {
     d_ld = active ? d : s.dim - 1;
     on = active ? 1.f : 0.f;
   }
+  // (b, d) offset into a (B, L, D) map (d clamped: inactive lanes read in range)
+  __device__ __forceinline__ long map_offset(const Shape& s) const {
+    return static_cast<long>(b) * s.length * s.dim + d_ld;
+  }
   // (b, k, index, d) offset into a (B, K, count, D) array
   __device__ __forceinline__ long bkd(const Shape& s, int index, int count) const {
     return ((static_cast<long>(b) * kRoutes + k) * count + index) * s.dim + d;
@@ -256,15 +263,17 @@ struct RouteParams {
   float w[kR];  // W_dt[k, d, :], zero-padded past R
   float bias, A, A2, Dk;  // A = -exp(A_log); A2 = A * log2(e), the decay is exp2(dt * A2)
 
-  __device__ __forceinline__ RouteParams(const Shape& s, const float* dt_weight, const float* dt_bias,
-                                         const float* A_log, const float* Ds, const Task& task) {
+  // From any kernel's params (FwdParams, BwdParams, SegmentParams name the parameters alike).
+  template <typename Params>
+  __device__ __forceinline__ RouteParams(const Params& p, const Task& task) {
+    const Shape& s = p.s;
     const long kd = static_cast<long>(task.k) * s.dim + task.d_ld;
 #pragma unroll
-    for (int j = 0; j < kR; ++j) w[j] = task.active && j < s.rank ? dt_weight[kd * s.rank + j] : 0.f;
-    bias = task.active ? dt_bias[kd] : 0.f;
-    A = task.active ? -expf(A_log[kd]) : 0.f;
+    for (int j = 0; j < kR; ++j) w[j] = task.active && j < s.rank ? p.dt_weight[kd * s.rank + j] : 0.f;
+    bias = task.active ? p.dt_bias[kd] : 0.f;
+    A = task.active ? -expf(p.A_log[kd]) : 0.f;
     A2 = A * kLog2e;
-    Dk = task.active ? Ds[kd] : 0.f;
+    Dk = task.active ? p.Ds[kd] : 0.f;
   }
 };
 
@@ -324,24 +333,22 @@ __device__ __forceinline__ float dt_preact(const RouteParams<kV - 2>& rp, const 
   return z;
 }
 
-// launch(element tag, std::integral_constant<int, kV>) for x's dtype and the x_dbl row width kv: the one place
-// that maps the runtime choices onto the compiled kernel instances (forward and backward).
+// launch(element tag, std::integral_constant<int, kV>) for x's dtype and the x_dbl row width kv (one of
+// kRowWidths): the one place that maps the runtime choices onto the compiled kernel instances.
+template <typename Launch, typename Tag, size_t... I>
+cudaError_t dispatch_kv(int kv, Tag tag, Launch& launch, std::index_sequence<I...>) {
+  cudaError_t status = cudaErrorInvalidValue;
+  ((kv == kRowWidths[I] && ((status = launch(tag, std::integral_constant<int, kRowWidths[I]>{})), true)) || ...);
+  return status;
+}
+
 template <typename Launch>
 cudaError_t dispatch_dtype_kv(ScalarKind dtype, int kv, Launch&& launch) {
-  auto with_kv = [&](auto tag) -> cudaError_t {
-    switch (kv) {
-      case 8: return launch(tag, std::integral_constant<int, 8>{});
-      case 16: return launch(tag, std::integral_constant<int, 16>{});
-      case 32: return launch(tag, std::integral_constant<int, 32>{});
-      case 64: return launch(tag, std::integral_constant<int, 64>{});
-      case kWidestRow: return launch(tag, std::integral_constant<int, kWidestRow>{});
-      default: return cudaErrorInvalidValue;
-    }
-  };
+  constexpr auto widths = std::make_index_sequence<std::size(kRowWidths)>{};
   switch (dtype) {
-    case ScalarKind::kFloat32: return with_kv(float{});
-    case ScalarKind::kFloat16: return with_kv(__half{});
-    case ScalarKind::kBFloat16: return with_kv(__nv_bfloat16{});
+    case ScalarKind::kFloat32: return dispatch_kv(kv, float{}, launch, widths);
+    case ScalarKind::kFloat16: return dispatch_kv(kv, __half{}, launch, widths);
+    case ScalarKind::kBFloat16: return dispatch_kv(kv, __nv_bfloat16{}, launch, widths);
   }
   return cudaErrorInvalidValue;
 }

@@ -100,7 +100,6 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
                                                const T* x, const float* dy, float* dx, float* dxdbl, int t0, int n,
                                                float& g) {
   constexpr int kChunk = chunk_for_kv(kV);
-  constexpr int kR = kV - 2;
   const Shape& s = p.s;
   float hs[kChunk + 1], dts[kChunk], xv[kChunk], dyv[kChunk];
   hs[0] = task.active ? p.ckpt[task.bkd(s, t0 / kChunk, s.num_chunks)] : 0.f;
@@ -170,10 +169,10 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d
   const Task task(s);
   RowStage<kV>& stage = shared.rows[task.k];
   GradStage<kV>& grads = shared.grads[task.k];
-  const RouteParams<kR> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
+  const RouteParams<kR> rp(p, task);
   grads.set_coefficients(s, rp, task.lane);
   ParamGrads<kR> acc;
-  const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
+  const long base = task.map_offset(s);
   const T* x = static_cast<const T*>(p.x) + base;
   const float* dy = p.dy + base;
   float* dx = p.dx + base;

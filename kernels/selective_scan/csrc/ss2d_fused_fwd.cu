@@ -44,8 +44,8 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kFwdBlocksPerSm) ss2d
   const Shape& s = p.s;
   const Task task(s);
   RowStage<kV>& stage = stages[task.k];
-  const RouteParams<kV - 2> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
-  const long base = static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
+  const RouteParams<kV - 2> rp(p, task);
+  const long base = task.map_offset(s);
   const T* x = static_cast<const T*>(p.x) + base;
   float* y = p.y + base;
   float h = task.segment_start(s, p.start);

@@ -49,8 +49,8 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock) segment_summary_kerne
   const Shape& s = p.s;
   const Task task(s);
   RowStage<kV>& stage = stages[task.k];
-  const RouteParams<kV - 2> rp(s, p.dt_weight, p.dt_bias, p.A_log, p.Ds, task);
-  const In* in = static_cast<const In*>(p.in) + static_cast<long>(task.b) * s.length * s.dim + task.d_ld;
+  const RouteParams<kV - 2> rp(p, task);
+  const In* in = static_cast<const In*>(p.in) + task.map_offset(s);
   float state = 0.f, dt_total = 0.f;
   task.for_each_chunk<kChunk, kReverse>(s, [&](auto full, int, int t0, int n) {
     summarise_chunk<T, In, kV, kReverse, decltype(full)::value>(p, task, rp, stage, in, t0, n, state, dt_total);
