@@ -1,8 +1,8 @@
-"""Fused SS2D core vs the unfused path at VMamba-T's four stage shapes (GPU).
+"""Fused SS2D core vs the unfused path at VMamba's four stage shapes (GPU).
 
-Shapes (issue #8): batch 128, d_model 96 * 2^i, ssm_ratio 2 (D = 192, 384, 768, 1536), dt rank ceil(d_model /
-16) = 6, 12, 24, 48, map 56 / 2^i, d_state 1, fp16 activations under autocast (the model's training
-setting). Both paths take x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return
+Shapes: batch 128, d_model 96 * 2^i, D = ssm_ratio * d_model (ssm_ratio 1, VMamba-T [s1l8]: D = 96, 192, 384,
+768, issue #8's stage-1 shape; 2 for VMamba-S / VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48,
+map 56 / 2^i, d_state 1, fp16 activations under autocast (the model's training setting). Both paths take x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return
 the merged fp32 map:
   unfused: SS2D.ssm with the fused path off (Triton cross-scan, batched x_proj / dt_proj GEMMs, the CUDA
            selective scan, Triton cross-merge);
@@ -17,7 +17,8 @@ forward+backward 8 + 3s (plus dy read 4, x read s, dx written s). x_dbl (4 (R + 
 position, < 1 B per element at stage 1) is not counted. The card's device-to-device copy bandwidth is measured
 in the same run.
 
-    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--width 96] [--json out.json]
+    python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--width 96] [--ssm-ratio 1]
+                                    [--json out.json]
 """
 
 import argparse
@@ -39,19 +40,19 @@ def time_gpu(fn):
     return bench_scan.time_gpu(fn, warmup=5, repeat=20)
 
 
-def stage_shape(stage, image, stage1_width=96):
+def stage_shape(stage, image, stage1_width=96, ssm_ratio=1.0):
     """(d_model, D, dt rank, map height, map width) of the stage at input size image = (H, W) of a VMamba whose
     stage 1 is stage1_width wide (96: VMamba-T/S, 128: VMamba-B): the stem and every downsample halve the map,
     rounding up."""
     d_model = stage1_width * 2 ** (stage - 1)
     height, width = (math.ceil(side / 2 ** (stage + 1)) for side in image)
-    return d_model, 2 * d_model, math.ceil(d_model / 16), height, width
+    return d_model, int(ssm_ratio * d_model), math.ceil(d_model / 16), height, width
 
 
-def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96):
-    d_model, dim, rank, height, width = stage_shape(stage, image, stage1_width)
+def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96, ssm_ratio=1.0):
+    d_model, dim, rank, height, width = stage_shape(stage, image, stage1_width, ssm_ratio)
     torch.manual_seed(stage)
-    module = SS2D(d_model=d_model, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", conv_bias=False,
+    module = SS2D(d_model=d_model, d_state=1, ssm_ratio=ssm_ratio, forward_type="v05_noz", conv_bias=False,
                   channel_first=True).cuda()
     params = [getattr(module, name) for name in PARAMS]
     x = torch.randn(batch, dim, height, width, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
@@ -111,20 +112,23 @@ def main(argv=None):
     parser.add_argument("--image", type=int, nargs=2, default=[224, 224], metavar=("H", "W"),
                         help="input image size the stage maps derive from (e.g. 800 1333 for detection)")
     parser.add_argument("--width", type=int, default=96, help="stage-1 width: 96 (VMamba-T/S) or 128 (VMamba-B)")
+    parser.add_argument("--ssm-ratio", type=float, default=1.0,
+                        help="D / d_model: 1 (VMamba-T [s1l8], the default) or 2 (VMamba-S/B)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
                   copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:
-        result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image), args.width))
+        result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image), args.width,
+                                              args.ssm_ratio))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
 
     print(f"# {result['gpu']}; torch {result['torch']}; {result['build_info']}")
-    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state 1; "
-          f"maps of a {args.image[0]}x{args.image[1]} input")
+    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state 1, "
+          f"ssm_ratio {args.ssm_ratio:g}; maps of a {args.image[0]}x{args.image[1]} input")
     print("| stage | B | D | L | R | unfused fwd ms | fused fwd ms | ratio | unfused fwd+bwd ms | fused fwd+bwd ms "
           "| ratio | GEMM / fwd op / bwd op ms | B/elem fwd, f+b | fused TB/s fwd, f+b | max abs diff fwd |")
     print("| " + " | ".join(["---"] * 15) + " |")

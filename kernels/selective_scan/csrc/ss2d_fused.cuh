@@ -227,8 +227,8 @@ __device__ __forceinline__ int route_position(const Shape& s, int k, int t) {
   return u;
 }
 
-// Position of a route's step, moved one step at a time. A route is a sequence of runs (one row-major run of
-// L, or columns of H); inside a run the position moves by `stride`, after it by `wrap`.
+// Position of a route's step, moved one step forward at a time. A route is a sequence of runs (one row-major run
+// of L, or columns of H); inside a run the position moves by `stride`, after it by `wrap`.
 struct Cursor {
   int pos, run, run_len, stride, wrap;
 
@@ -246,14 +246,6 @@ struct Cursor {
       run = 0;
       pos += wrap;
     }
-  }
-  __device__ __forceinline__ void retreat() {
-    if (run == 0) {
-      run = run_len;
-      pos -= wrap;
-    }
-    --run;
-    pos -= stride;
   }
 };
 

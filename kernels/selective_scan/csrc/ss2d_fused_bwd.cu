@@ -1,7 +1,9 @@
 // Fused SS2D backward (see ss2d_fused.cuh). The gradient reaching h_t is dh_t = C_t dy_t + g_{t+1} with the
 // carry g_t = a_t dh_t. Each warp walks its route segment's chunks from the last, starting from the carry
-// entering the segment from its end: loads the chunk, recomputes its forward from the checkpoint (h, dt, x, dy
-// kept in registers), then walks it in reverse.
+// entering the segment from its end: recomputes the chunk's forward from the checkpoint (h, dt, x, dy kept in
+// registers), then walks it in reverse. A chunk's x, dy and checkpoint are loaded while the chunk after it (the
+// one walked before) contracts its row gradients, so the walk rarely waits for memory (measured in BENCHMARKS.md:
+// the backward at VMamba-T's stage 1 went from 1.45 to 1.31 ms).
 //
 // Per step, dx (lane = channel) is an atomic add into fp32 dx. The gradient of the route's x_dbl row at each
 // position ([d dt-rank values..., dB, dC]) is a sum over the warp's 32 channels: the reverse walk leaves each
@@ -83,6 +85,30 @@ struct GradStage {
   }
 };
 
+// A chunk's loads: the checkpoint entering it, x and dy at each step, and the position of step t0 + lane (lanes
+// past n: of the last step, so that every load stays in range). For rows of up to 16 values they are issued during
+// the chunk before (while it contracts its row gradients, when the walk's registers are free); wider rows have
+// fewer steps per chunk and would spill at the register cap, so they load at the chunk's start.
+template <typename T, int kV, int kChunk = chunk_for_kv(kV)>
+struct ChunkInputs {
+  static constexpr bool kAhead = kV <= 16;
+  float h0, xv[kChunk], dyv[kChunk];
+  int pos;
+
+  __device__ __forceinline__ void fetch(const BwdParams& p, const Task& task, const T* x, const float* dy, int c) {
+    const Shape& s = p.s;
+    const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
+    h0 = task.active ? p.ckpt[task.bkd(s, c, s.num_chunks)] : 0.f;
+    pos = route_position(s, task.k, t0 + min(task.lane, n - 1));
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) {
+      const int at = __shfl_sync(kFullMask, pos, i) * s.dim;
+      xv[i] = load_float(x + at);
+      dyv[i] = task.on * __ldg(dy + at);
+    }
+  }
+};
+
 template <int kR>
 struct ParamGrads {
   float dw[kR], dbias = 0.f, dA = 0.f, dD = 0.f;
@@ -92,28 +118,20 @@ struct ParamGrads {
   }
 };
 
-// One chunk [t0, t0 + n) of the warp's route: load it, recompute its forward from the checkpoint, then
-// walk it in reverse. g: the gradient carry from the right, updated.
+// One chunk [t0, t0 + n) of the warp's route, its loads in `in`: recompute its forward from the checkpoint, walk
+// it in reverse, then (with the next chunk's loads in flight, if `more`: the chunk before it) contract its row
+// gradients. g: the gradient carry from the right, updated.
 template <typename T, int kV, bool kFull>
 __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& task, const RouteParams<kV - 2>& rp,
                                                ParamGrads<kV - 2>& acc, RowStage<kV>& stage, GradStage<kV>& grads,
-                                               const T* x, const float* dy, float* dx, float* dxdbl, int t0, int n,
-                                               float& g) {
+                                               ChunkInputs<T, kV>& in, bool more, const T* x, const float* dy,
+                                               float* dx, float* dxdbl, int t0, int n, float& g) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
-  float hs[kChunk + 1], dts[kChunk], xv[kChunk], dyv[kChunk];
-  hs[0] = task.active ? p.ckpt[task.bkd(s, t0 / kChunk, s.num_chunks)] : 0.f;
+  if constexpr (!ChunkInputs<T, kV>::kAhead) in.fetch(p, task, x, dy, t0 / kChunk);
   stage.template load<T>(s, task, p.xdbl, t0, n);
-  Cursor cur(s, task.k, t0);
-#pragma unroll
-  for (int i = 0; i < kChunk; ++i) {
-    if (kFull || i < n) {
-      const int at = cur.pos * s.dim;
-      xv[i] = load_float(x + at);
-      dyv[i] = task.on * __ldg(dy + at);
-      cur.advance();
-    }
-  }
+  float hs[kChunk + 1], dts[kChunk];
+  hs[0] = in.h0;
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     if (kFull || i < n) {
@@ -121,17 +139,16 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       const float z = kV > 32 ? grads.dt_preact(rp.bias, stage, i, task.lane) : dt_preact(rp, stage, i);
       float e;
       dts[i] = softplus(z, e);
-      hs[i + 1] = fmaf(fast_exp2(dts[i] * rp.A2), hs[i], dts[i] * stage.word(i, 0).x * xv[i]);
+      hs[i + 1] = fmaf(fast_exp2(dts[i] * rp.A2), hs[i], dts[i] * stage.word(i, 0).x * in.xv[i]);
     }
   }
   __syncwarp();  // re-read the rows below rather than keep the whole chunk's rows in registers
 #pragma unroll
   for (int i = kChunk - 1; i >= 0; --i) {
     if (kFull || i < n) {
-      cur.retreat();
-      const int pos = cur.pos;
+      const int pos = __shfl_sync(kFullMask, in.pos, i);
       const float4 bc = stage.word(i, 0);
-      const float Bt = bc.x, Ct = bc.y, dt = dts[i], a = fast_exp2(dt * rp.A2), xt = xv[i], dyt = dyv[i];
+      const float Bt = bc.x, Ct = bc.y, dt = dts[i], a = fast_exp2(dt * rp.A2), xt = in.xv[i], dyt = in.dyv[i];
       // y_t = C h_t + D x_t
       const float dh = fmaf(Ct, dyt, g);
       acc.dD = fmaf(dyt, xt, acc.dD);
@@ -147,6 +164,7 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       atomicAdd(dx + pos * s.dim, task.on * fmaf(rp.Dk, dyt, dh * dt * Bt));
     }
   }
+  if (ChunkInputs<T, kV>::kAhead && more) in.fetch(p, task, x, dy, t0 / kChunk - 1);
   grads.contract(s, task.lane, dxdbl, n);
 }
 
@@ -156,9 +174,8 @@ struct BwdShared {
   GradStage<kV> grads[kWarpsPerBlock];
 };
 
-// Gradients of the warp's route segment, chunk by chunk from its end. Unbounded, the compiler keeps ~190
-// registers (a chunk's recomputed values plus its loads in flight); capped at 168 (3 blocks, 12 warps per SM)
-// it spills up to ~140 bytes per thread (kV 8).
+// Gradients of the warp's route segment, chunk by chunk from its end. Capped at 168 registers (3 blocks, 12 warps
+// per SM); kV 8, 16, 64 and 68 fit without spilling, kV 32 spills ~60 bytes per thread.
 template <typename T, int kV>
 __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
@@ -178,8 +195,12 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d
   float* dx = p.dx + base;
   float* dxdbl = p.dxdbl + static_cast<long>(task.b) * s.length * kRoutes * (s.rank + 2) + task.k * (s.rank + 2);
   float g = task.segment_start(s, p.start);  // gradient carry from the right
-  task.for_each_chunk<kChunk, true>(s, [&](auto full, int, int t0, int n) {
-    backward_chunk<T, kV, decltype(full)::value>(p, task, rp, acc, stage, grads, x, dy, dx, dxdbl, t0, n, g);
+  // the chunks go from the segment's last
+  ChunkInputs<T, kV> in;
+  if constexpr (ChunkInputs<T, kV>::kAhead) in.fetch(p, task, x, dy, task.end_chunk(s) - 1);
+  task.for_each_chunk<kChunk, true>(s, [&](auto full, int c, int t0, int n) {
+    backward_chunk<T, kV, decltype(full)::value>(p, task, rp, acc, stage, grads, in, c > task.first_chunk(s), x, dy,
+                                                 dx, dxdbl, t0, n, g);
   });
   if (!task.active) return;
   const long kd = static_cast<long>(task.k) * s.dim + task.d;
