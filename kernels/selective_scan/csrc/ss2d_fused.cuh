@@ -11,7 +11,8 @@
 // add into y / dx is one coalesced row piece, and the per-position x_dbl values are warp-uniform. The warp
 // moves a chunk of kChunk steps at a time: first all of the chunk's loads (x per lane, the x_dbl rows into
 // shared memory), then its arithmetic, in which only h is sequential; so it waits for memory once per chunk,
-// not once per step. The four routes of a (batch, channel group, segment) are the four warps of one block.
+// not once per step (the backward issues a chunk's x and dy loads during the chunk before, and waits less).
+// The four routes of a (batch, channel group, segment) are the four warps of one block.
 //
 // Segments: where one block per (batch, channel group) would leave most of the GPU idle (small batches,
 // detection-size maps: batch 2 at 1333x800 is 12 blocks at stage 1), each route is cut into segments that run
