@@ -2,8 +2,8 @@
 
 Shapes: batch 128, d_model 96 * 2^i, D = ssm_ratio * d_model (ssm_ratio 1, VMamba-T [s1l8]: D = 96, 192, 384,
 768, issue #8's stage-1 shape; 2 for VMamba-S / VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48,
-map 56 / 2^i, d_state 1, fp16 activations under autocast (the model's training setting). Both paths take x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return
-the merged fp32 map:
+map 56 / 2^i, d_state 1, fp16 activations under autocast (the model's training setting). Both paths take
+x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return the merged fp32 map:
   unfused: SS2D.ssm with the fused path off (Triton cross-scan, batched x_proj / dt_proj GEMMs, the CUDA
            selective scan, Triton cross-merge);
   fused:   selective_scan.ss2d.ss2d_core(backend="fused") (the x_dbl GEMM plus the fused kernels).
@@ -119,8 +119,8 @@ def main(argv=None):
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
                   copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:
-        result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image), args.width,
-                                              args.ssm_ratio))
+        result["rows"].append(
+            bench_stage(stage, args.batch, torch.float16, tuple(args.image), args.width, args.ssm_ratio))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

@@ -187,6 +187,11 @@ struct Task {
   __device__ __forceinline__ long map_offset(const Shape& s) const {
     return static_cast<long>(b) * s.length * s.dim + d_ld;
   }
+  // (b, k) offset into the (B, L, K, R + 2) x_dbl rows (and their gradient)
+  __device__ __forceinline__ long rows_offset(const Shape& s) const {
+    const int width = s.rank + 2;
+    return static_cast<long>(b) * s.length * kRoutes * width + k * width;
+  }
   // (b, k, index, d) offset into a (B, K, count, D) array
   __device__ __forceinline__ long bkd(const Shape& s, int index, int count) const {
     return ((static_cast<long>(b) * kRoutes + k) * count + index) * s.dim + d;
@@ -226,6 +231,12 @@ __device__ __forceinline__ int route_position(const Shape& s, int k, int t) {
     return (u - col * s.height) * s.width + col;
   }
   return u;
+}
+
+// The position of step t0 + lane of the warp's route, for the chunk of steps t0 .. t0 + n - 1 (lanes past n: the
+// last step's): lane i finds step i's position once per chunk, and the lanes that need it take it by a shuffle.
+__device__ __forceinline__ int chunk_position(const Shape& s, const Task& task, int t0, int n) {
+  return route_position(s, task.k, t0 + min(task.lane, n - 1));
 }
 
 // Position of a route's step, moved one step forward at a time. A route is a sequence of runs (one row-major run
@@ -279,14 +290,12 @@ template <int kV, int kChunk = chunk_for_kv(kV)>
 struct RowStage {
   alignas(16) float vals[kChunk * kV];
 
-  // Rows of steps t0 .. t0 + n - 1 of route k, from x_dbl (B, L, K, R + 2) of type T.
+  // Rows of a chunk's n steps of route k, from x_dbl (B, L, K, R + 2) of type T; my_pos: chunk_position(), each
+  // load takes its row's position from the lane that holds it.
   template <typename T>
-  __device__ __forceinline__ void load(const Shape& s, const Task& task, const void* xdbl, int t0, int n) {
+  __device__ __forceinline__ void load(const Shape& s, const Task& task, const void* xdbl, int my_pos, int n) {
     const int width = s.rank + 2;
-    const T* rows = static_cast<const T*>(xdbl) + static_cast<long>(task.b) * s.length * kRoutes * width +
-                    task.k * width;
-    // lane i < kChunk finds step i's position once; each load takes its row's from that lane
-    const int my_pos = route_position(s, task.k, t0 + min(task.lane, n - 1));
+    const T* rows = static_cast<const T*>(xdbl) + task.rows_offset(s);
     __syncwarp();  // every lane is done with the previous chunk's rows
 #pragma unroll
     for (int q0 = 0; q0 < kChunk * kV; q0 += kLanes) {

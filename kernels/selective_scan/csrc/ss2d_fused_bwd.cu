@@ -99,7 +99,7 @@ struct ChunkInputs {
     const Shape& s = p.s;
     const int t0 = c * kChunk, n = min(kChunk, s.length - t0);
     h0 = task.active ? p.ckpt[task.bkd(s, c, s.num_chunks)] : 0.f;
-    pos = route_position(s, task.k, t0 + min(task.lane, n - 1));
+    pos = chunk_position(s, task, t0, n);
 #pragma unroll
     for (int i = 0; i < kChunk; ++i) {
       const int at = __shfl_sync(kFullMask, pos, i) * s.dim;
@@ -129,7 +129,7 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
   if constexpr (!ChunkInputs<T, kV>::kAhead) in.fetch(p, task, x, dy, t0 / kChunk);
-  stage.template load<T>(s, task, p.xdbl, t0, n);
+  stage.template load<T>(s, task, p.xdbl, in.pos, n);
   float hs[kChunk + 1], dts[kChunk];
   hs[0] = in.h0;
 #pragma unroll
@@ -193,7 +193,7 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d
   const T* x = static_cast<const T*>(p.x) + base;
   const float* dy = p.dy + base;
   float* dx = p.dx + base;
-  float* dxdbl = p.dxdbl + static_cast<long>(task.b) * s.length * kRoutes * (s.rank + 2) + task.k * (s.rank + 2);
+  float* dxdbl = p.dxdbl + task.rows_offset(s);
   float g = task.segment_start(s, p.start);  // gradient carry from the right
   // the chunks go from the segment's last
   ChunkInputs<T, kV> in;

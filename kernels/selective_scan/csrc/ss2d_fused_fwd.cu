@@ -13,7 +13,7 @@ __device__ __forceinline__ void forward_chunk(const FwdParams& p, const Task& ta
                                               int n, float& h) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
-  stage.template load<T>(s, task, p.xdbl, t0, n);
+  stage.template load<T>(s, task, p.xdbl, chunk_position(s, task, t0, n), n);
   float xv[kChunk];
   int off[kChunk];
 #pragma unroll

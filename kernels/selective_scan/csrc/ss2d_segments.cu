@@ -17,7 +17,7 @@ __device__ __forceinline__ void summarise_chunk(const SegmentParams& p, const Ta
                                                 int t0, int n, float& state, float& dt_total) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
-  stage.template load<T>(s, task, p.xdbl, t0, n);
+  stage.template load<T>(s, task, p.xdbl, chunk_position(s, task, t0, n), n);
   float u[kChunk];  // x (forward) or dy (backward) of each step
   Cursor cur(s, task.k, t0);
 #pragma unroll
