@@ -234,32 +234,11 @@ __device__ __forceinline__ int route_position(const Shape& s, int k, int t) {
 }
 
 // The position of step t0 + lane of the warp's route, for the chunk of steps t0 .. t0 + n - 1 (lanes past n: the
-// last step's): lane i finds step i's position once per chunk, and the lanes that need it take it by a shuffle.
+// last step's): lane i finds step i's position once per chunk, and the kernels take step i's from lane i by a
+// shuffle (for the row loads and for every per-step load and add).
 __device__ __forceinline__ int chunk_position(const Shape& s, const Task& task, int t0, int n) {
   return route_position(s, task.k, t0 + min(task.lane, n - 1));
 }
-
-// Position of a route's step, moved one step forward at a time. A route is a sequence of runs (one row-major run
-// of L, or columns of H); inside a run the position moves by `stride`, after it by `wrap`.
-struct Cursor {
-  int pos, run, run_len, stride, wrap;
-
-  __device__ __forceinline__ Cursor(const Shape& s, int k, int t) {
-    const bool transposed = k & 1, reversed = k >= 2;
-    pos = route_position(s, k, t);
-    run = transposed ? t % s.height : t;
-    run_len = transposed ? s.height : s.length;  // a row-major route never completes its run
-    stride = (transposed ? s.width : 1) * (reversed ? -1 : 1);
-    wrap = transposed ? (reversed ? s.length - 1 : 1 - s.length) : 0;
-  }
-  __device__ __forceinline__ void advance() {
-    pos += stride;
-    if (++run == run_len) {
-      run = 0;
-      pos += wrap;
-    }
-  }
-};
 
 // Per-(route, channel) constants; zeros for inactive lanes.
 template <int kR>

@@ -6,22 +6,22 @@
 namespace selective_scan {
 namespace ss2d {
 
-// Steps t0 .. t0 + n - 1; the cursor is at step t0 and ends at t0 + n. kFull: n == kChunk (no bound checks).
+// Steps t0 .. t0 + n - 1. kFull: n == kChunk (no bound checks).
 template <typename T, int kV, bool kFull>
 __device__ __forceinline__ void forward_chunk(const FwdParams& p, const Task& task, const RouteParams<kV - 2>& rp,
-                                              RowStage<kV>& stage, const T* x, float* y, Cursor& cur, int t0,
+                                              RowStage<kV>& stage, const T* x, float* y, int t0,
                                               int n, float& h) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
-  stage.template load<T>(s, task, p.xdbl, chunk_position(s, task, t0, n), n);
+  const int my_pos = chunk_position(s, task, t0, n);
+  stage.template load<T>(s, task, p.xdbl, my_pos, n);
   float xv[kChunk];
   int off[kChunk];
 #pragma unroll
   for (int i = 0; i < kChunk; ++i) {
     if (kFull || i < n) {
-      off[i] = cur.pos * s.dim;
+      off[i] = __shfl_sync(kFullMask, my_pos, i) * s.dim;
       xv[i] = load_float(x + off[i]);
-      cur.advance();
     }
   }
 #pragma unroll
@@ -49,10 +49,9 @@ __global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kFwdBlocksPerSm) ss2d
   const T* x = static_cast<const T*>(p.x) + base;
   float* y = p.y + base;
   float h = task.segment_start(s, p.start);
-  Cursor cur(s, task.k, task.first_chunk(s) * kChunk);
   task.for_each_chunk<kChunk, false>(s, [&](auto full, int c, int t0, int n) {
     if (task.active) p.ckpt[task.bkd(s, c, s.num_chunks)] = h;
-    forward_chunk<T, kV, decltype(full)::value>(p, task, rp, stage, x, y, cur, t0, n, h);
+    forward_chunk<T, kV, decltype(full)::value>(p, task, rp, stage, x, y, t0, n, h);
   });
 }
 

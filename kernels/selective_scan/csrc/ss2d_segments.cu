@@ -17,16 +17,12 @@ __device__ __forceinline__ void summarise_chunk(const SegmentParams& p, const Ta
                                                 int t0, int n, float& state, float& dt_total) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
-  stage.template load<T>(s, task, p.xdbl, chunk_position(s, task, t0, n), n);
+  const int my_pos = chunk_position(s, task, t0, n);
+  stage.template load<T>(s, task, p.xdbl, my_pos, n);
   float u[kChunk];  // x (forward) or dy (backward) of each step
-  Cursor cur(s, task.k, t0);
 #pragma unroll
-  for (int i = 0; i < kChunk; ++i) {
-    if (kFull || i < n) {
-      u[i] = load_float(in + cur.pos * s.dim);
-      cur.advance();
-    }
-  }
+  for (int i = 0; i < kChunk; ++i)
+    if (kFull || i < n) u[i] = load_float(in + __shfl_sync(kFullMask, my_pos, i) * s.dim);
 #pragma unroll
   for (int j = 0; j < kChunk; ++j) {
     const int i = kReverse ? kChunk - 1 - j : j;
