@@ -229,10 +229,13 @@ def check_op(fused, oracle, dtype):
 # (batch, D, H, W, dt rank): odd channel counts (partial warps), thin maps, maps shorter than one tile (64
 # steps) and spanning several, partial last chunks, every x_dbl width (8, 16, 32, 64, 68). Small batches cut the
 # routes into segments of 4 chunks (several, some with a partial last one, wherever a map has more than 4
-# chunks); a batch of 300 fills an H100 with one block per (batch, channel group) and runs unsegmented.
+# chunks); 300 samples of one channel group (or 140 of two) fill an H100 with one block per (batch, channel
+# group) and run unsegmented, and with at least 64 chunks their forward splits each route over a block's warps
+# (73 chunks: a partial last chunk and a tile of one chunk; 130 chunks of 16 steps: a tile of two).
 CUDA_SHAPES = [(2, 37, 5, 7, 6), (1, 64, 13, 11, 12), (3, 100, 1, 33, 24), (2, 32, 17, 1, 2), (1, 40, 24, 40, 6),
                (2, 70, 9, 23, 30), (1, 33, 1, 1, 6), (2, 48, 31, 3, 12), (300, 32, 3, 5, 6), (2, 40, 7, 9, 32),
-               (3, 36, 5, 6, 48), (1, 64, 13, 3, 62), (2, 40, 5, 9, 64), (1, 33, 6, 7, 66)]
+               (3, 36, 5, 6, 48), (1, 64, 13, 3, 62), (2, 40, 5, 9, 64), (1, 33, 6, 7, 66), (300, 32, 33, 35, 6),
+               (140, 37, 40, 52, 14)]
 
 
 @pytest.mark.cuda

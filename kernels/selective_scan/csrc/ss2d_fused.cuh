@@ -12,7 +12,8 @@
 // moves a chunk of kChunk steps at a time: first all of the chunk's loads (x per lane, the x_dbl rows into
 // shared memory), then its arithmetic, in which only h is sequential; so it waits for memory once per chunk,
 // not once per step (the backward issues a chunk's x and dy loads during the chunk before, and waits less).
-// The four routes of a (batch, channel group, segment) are the four warps of one block.
+// The four routes of a (batch, channel group, segment) are the four warps of one block (BlockLayout), except in
+// the forward of long unsegmented routes, where a block's eight warps share one route (ss2d_fused_fwd.cu).
 //
 // Segments: where one block per (batch, channel group) would leave most of the GPU idle (small batches,
 // detection-size maps: batch 2 at 1333x800 is 12 blocks at stage 1), each route is cut into segments that run
@@ -21,8 +22,9 @@
 // with zero; about the main kernel's arithmetic), then a short walk over the summaries. The blocks go sample by
 // sample, and there are enough segments that the samples in flight keep their maps in L2, so the four adds a
 // position gets (one per route) are L2 rather than DRAM read-modify-writes. Full batches run unsegmented:
-// there the adds are DRAM read-modify-writes (the forward spends ~57 % of DRAM bandwidth on them at VMamba-T's
-// stage 1), but segmenting was measured slower, the summary pass doubling the arithmetic that then limits.
+// segmenting was measured slower there, the summary pass doubling the arithmetic that then limits. Their forward
+// gets the same L2 locality from splitting each route over a block's warps instead; the backward's adds stay
+// DRAM read-modify-writes (splitting it was measured slower, BENCHMARKS.md).
 //
 // The forward saves the state entering every chunk; the backward walks its segment's chunks from the last,
 // recomputes each from its checkpoint (values held in registers) and walks it in reverse.
@@ -64,9 +66,13 @@ constexpr int kv_for_rank(int rank) {
 // checkpoint_chunk mirrors this rule.
 constexpr int chunk_for_kv(int kv) { return kv <= 8 ? 16 : kv <= 32 ? 8 : 4; }
 
-// Blocks per SM the forward and backward kernels are compiled for (their register caps).
-constexpr int kFwdBlocksPerSm = 4;
+// Resident warps per SM the forward is compiled for, and blocks per SM for the backward (their register caps).
+constexpr int kFwdWarpsPerSm = 16;
 constexpr int kBwdBlocksPerSm = 3;
+// The forward splits an unsegmented route of at least kMinTiledChunks chunks over the kTileWarps warps of a
+// block (ss2d_fused_fwd.cu).
+constexpr int kTileWarps = 8;
+constexpr int kMinTiledChunks = 64;
 // Shortest segment, in chunks: the summary pass and the walk over summaries cost a few steps per segment.
 constexpr int kMinSegmentChunks = 4;
 
@@ -171,11 +177,14 @@ struct Task {
   int d_ld;       // d, clamped into range: inactive lanes load (and add zeros) there
   float on;       // 1 for active lanes, 0 for inactive ones (multiplies what they add)
 
-  __device__ __forceinline__ Task(const Shape& s) {
+  // Blocks of one warp per route: route k is warp k of the block for (batch, segment, channel group).
+  __device__ __forceinline__ Task(const Shape& s) : Task(s, threadIdx.x / kLanes, blockIdx.x) {}
+  // Route k of the sequence segment (batch, segment, channel group) numbered `sequence`.
+  __device__ __forceinline__ Task(const Shape& s, int route, int sequence) {
     lane = threadIdx.x % kLanes;
-    k = threadIdx.x / kLanes;
-    group = blockIdx.x % s.groups;
-    const int sample_block = blockIdx.x / s.groups;
+    k = route;
+    group = sequence % s.groups;
+    const int sample_block = sequence / s.groups;
     segment = sample_block % s.num_segments;
     b = sample_block / s.num_segments;
     d = group * kLanes + lane;
@@ -220,6 +229,24 @@ struct Task {
   // the state entering the segment from `start` (zero without one)
   __device__ __forceinline__ float segment_start(const Shape& s, const float* start) const {
     return start != nullptr && active ? start[bkd(s, segment, s.num_segments)] : 0.f;
+  }
+};
+
+// How the main kernels lay out their blocks: kWarps warps per route segment, which walk it a tile of kWarps
+// consecutive chunks at a time. With one warp per route, a block holds the four routes of one (batch, segment,
+// channel group), as the segment passes; with more, a block holds one route. Blocks go route fastest, then channel
+// group, segment and batch, so the blocks in flight cover few samples.
+template <int kWarps>
+struct BlockLayout {
+  static constexpr int kBlockRoutes = kWarps == 1 ? kRoutes : 1;
+  static constexpr int kThreads = kLanes * kWarps * kBlockRoutes;
+  static constexpr int kBlocksPerRouteSet = kRoutes / kBlockRoutes;
+  static unsigned blocks(const Shape& s) { return num_blocks(s) * kBlocksPerRouteSet; }
+  // the warp's place among its route's warps
+  static __device__ __forceinline__ int route_warp() { return threadIdx.x / kLanes % kWarps; }
+  static __device__ __forceinline__ Task task(const Shape& s) {
+    const int route = blockIdx.x % kBlocksPerRouteSet * kBlockRoutes + threadIdx.x / kLanes / kWarps;
+    return Task(s, route, blockIdx.x / kBlocksPerRouteSet);
   }
 };
 
