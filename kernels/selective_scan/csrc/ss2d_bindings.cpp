@@ -148,7 +148,8 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
   if (x.numel() == 0) return {y, ckpt};
   // live in L2 per element: y (fp32), x, the element's share of the x_dbl rows
   const double row_bytes = kRoutes * (pr.s.rank + 2.0) * x.element_size();
-  const Shape s = segmented(pr, x.get_device(), kFwdWarpsPerSm / kRoutes, 4.0 + x.element_size() + row_bytes / pr.s.dim);
+  const Shape s =
+      segmented(pr, x.get_device(), kFwdWarpsPerSm / kRoutes, 4.0 + x.element_size() + row_bytes / pr.s.dim);
   const auto start = segment_starts(pr, s, false, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   FwdParams p{};
   set_inputs(p, s, x_dbl, dt_weight, dt_bias, A_log, Ds);

@@ -55,7 +55,8 @@ __device__ __forceinline__ void scan_chunk(const FwdParams& p, const Task& task,
 
 // Capped at 128 registers: 16 warps per SM (unbounded, a warp takes ~130).
 template <typename T, int kV, int kWarps>
-__global__ void __launch_bounds__(BlockLayout<kWarps>::kThreads, kFwdWarpsPerSm * kLanes / BlockLayout<kWarps>::kThreads)
+__global__ void __launch_bounds__(BlockLayout<kWarps>::kThreads,
+                                  kFwdWarpsPerSm * kLanes / BlockLayout<kWarps>::kThreads)
     ss2d_fwd_kernel(const FwdParams p) {
   using Layout = BlockLayout<kWarps>;
   constexpr int kChunk = chunk_for_kv(kV);
