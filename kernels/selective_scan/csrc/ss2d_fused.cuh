@@ -49,7 +49,6 @@ namespace ss2d {
 
 constexpr int kRoutes = 4;
 constexpr int kLanes = kWarpSize;
-constexpr int kWarpsPerBlock = 4;  // the four routes of one (batch, segment, channel group)
 
 // On chip, a route's x_dbl row is kept as [B, C, dt-rank values..., zero padding] in kV floats, kV a multiple
 // of 4 so that a row is whole 16-byte words; kV is the narrowest of kRowWidths that holds R + 2 values (68:
@@ -156,8 +155,8 @@ cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaSt
 cudaError_t launch_ss2d_segment_starts(const SegmentParams& p, ScalarKind dtype, int kv, bool reverse,
                                        cudaStream_t stream);
 
-// One warp per (batch, channel group, segment, route), one block per (batch, segment, channel group).
-inline unsigned num_blocks(const Shape& s) {
+// The sets of four routes, one per (batch, segment, channel group) (BlockLayout counts its blocks from them).
+inline unsigned num_route_sets(const Shape& s) {
   return static_cast<unsigned>(static_cast<long>(s.batch) * s.num_segments * s.groups);
 }
 
@@ -177,8 +176,6 @@ struct Task {
   int d_ld;       // d, clamped into range: inactive lanes load (and add zeros) there
   float on;       // 1 for active lanes, 0 for inactive ones (multiplies what they add)
 
-  // Blocks of one warp per route: route k is warp k of the block for (batch, segment, channel group).
-  __device__ __forceinline__ Task(const Shape& s) : Task(s, threadIdx.x / kLanes, blockIdx.x) {}
   // Route k of the sequence segment (batch, segment, channel group) numbered `sequence`.
   __device__ __forceinline__ Task(const Shape& s, int route, int sequence) {
     lane = threadIdx.x % kLanes;
@@ -241,7 +238,7 @@ struct BlockLayout {
   static constexpr int kBlockRoutes = kWarps == 1 ? kRoutes : 1;
   static constexpr int kThreads = kLanes * kWarps * kBlockRoutes;
   static constexpr int kBlocksPerRouteSet = kRoutes / kBlockRoutes;
-  static unsigned blocks(const Shape& s) { return num_blocks(s) * kBlocksPerRouteSet; }
+  static unsigned blocks(const Shape& s) { return num_route_sets(s) * kBlocksPerRouteSet; }
   // the warp's place among its route's warps
   static __device__ __forceinline__ int route_warp() { return threadIdx.x / kLanes % kWarps; }
   static __device__ __forceinline__ Task task(const Shape& s) {
@@ -249,6 +246,8 @@ struct BlockLayout {
     return Task(s, route, blockIdx.x / kBlocksPerRouteSet);
   }
 };
+// The backward and the segment passes: the four routes of a (batch, segment, channel group) in one block.
+using RouteWarps = BlockLayout<1>;
 
 // Raster position (h * W + w) of step t of route k: column-major if k is odd, reversed if k >= 2 (cross2d).
 __device__ __forceinline__ int route_position(const Shape& s, int k, int t) {

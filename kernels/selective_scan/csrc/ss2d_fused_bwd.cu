@@ -170,20 +170,20 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
 
 template <int kV>
 struct BwdShared {
-  RowStage<kV> rows[kWarpsPerBlock];
-  GradStage<kV> grads[kWarpsPerBlock];
+  RowStage<kV> rows[kRoutes];
+  GradStage<kV> grads[kRoutes];
 };
 
 // Gradients of the warp's route segment, chunk by chunk from its end. Capped at 168 registers (3 blocks, 12 warps
 // per SM); kV 8, 16, 64 and 68 fit without spilling, kV 32 spills ~60 bytes per thread.
 template <typename T, int kV>
-__global__ void __launch_bounds__(kLanes * kWarpsPerBlock, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(RouteWarps::kThreads, kBwdBlocksPerSm) ss2d_bwd_kernel(const BwdParams p) {
   constexpr int kChunk = chunk_for_kv(kV);
   constexpr int kR = kV - 2;
   extern __shared__ float4 shared_words[];  // BwdShared<kV>, dynamic (over 48 KB for kV = 64)
   auto& shared = *reinterpret_cast<BwdShared<kV>*>(shared_words);
   const Shape& s = p.s;
-  const Task task(s);
+  const Task task = RouteWarps::task(s);
   RowStage<kV>& stage = shared.rows[task.k];
   GradStage<kV>& grads = shared.grads[task.k];
   const RouteParams<kR> rp(p, task);
@@ -222,7 +222,7 @@ cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaSt
       const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
       if (status != cudaSuccess) return status;
     }
-    kernel<<<num_blocks(p.s), kLanes * kWarpsPerBlock, bytes, stream>>>(p);
+    kernel<<<RouteWarps::blocks(p.s), RouteWarps::kThreads, bytes, stream>>>(p);
     return cudaGetLastError();
   });
 }

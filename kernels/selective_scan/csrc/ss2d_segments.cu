@@ -38,12 +38,12 @@ __device__ __forceinline__ void summarise_chunk(const SegmentParams& p, const Ta
 }
 
 template <typename T, int kV, bool kReverse>
-__global__ void __launch_bounds__(kLanes * kWarpsPerBlock) segment_summary_kernel(const SegmentParams p) {
+__global__ void __launch_bounds__(RouteWarps::kThreads) segment_summary_kernel(const SegmentParams p) {
   using In = std::conditional_t<kReverse, float, T>;
   constexpr int kChunk = chunk_for_kv(kV);
-  __shared__ RowStage<kV> stages[kWarpsPerBlock];
+  __shared__ RowStage<kV> stages[kRoutes];
   const Shape& s = p.s;
-  const Task task(s);
+  const Task task = RouteWarps::task(s);
   RowStage<kV>& stage = stages[task.k];
   const RouteParams<kV - 2> rp(p, task);
   const In* in = static_cast<const In*>(p.in) + task.map_offset(s);
@@ -80,9 +80,9 @@ cudaError_t launch_ss2d_segment_starts(const SegmentParams& p, ScalarKind dtype,
     using T = decltype(tag);
     constexpr int kV = decltype(width)::value;
     if (reverse) {
-      segment_summary_kernel<T, kV, true><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
+      segment_summary_kernel<T, kV, true><<<RouteWarps::blocks(p.s), RouteWarps::kThreads, 0, stream>>>(p);
     } else {
-      segment_summary_kernel<T, kV, false><<<num_blocks(p.s), kLanes * kWarpsPerBlock, 0, stream>>>(p);
+      segment_summary_kernel<T, kV, false><<<RouteWarps::blocks(p.s), RouteWarps::kThreads, 0, stream>>>(p);
     }
     return cudaGetLastError();
   });
