@@ -171,16 +171,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   check(ckpt, "ckpt", at::kFloat, {s.batch, kRoutes, s.num_chunks, s.dim}, x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
-  auto dx = at::zeros(x.sizes(), f32);
+  // each route's part of dx, written once per element by the kernel and summed below
+  auto du = at::empty({kRoutes, s.batch, s.height, s.width, s.dim}, x.options());
   auto dxdbl = at::zeros(x_dbl.sizes(), f32);  // fp32 atomics; returned in x_dbl's dtype
   auto ddt_weight = at::zeros({kRoutes, s.rank, s.dim}, f32);
   auto ddt_bias = at::zeros_like(dt_bias);
   auto dA_log = at::zeros_like(A_log);
   auto dDs = at::zeros_like(Ds);
   if (x.numel() > 0) {
-    // live in L2 per element: dy and dx (fp32), x, the element's share of the x_dbl rows and their fp32 gradient
+    // live in L2 per element: dy (fp32), x, the four routes' du lines until written back, the element's share of
+    // the x_dbl rows and their fp32 gradient
     const double row_bytes = kRoutes * (s.rank + 2.0) * (x.element_size() + 4.0);
-    const Shape segs = segmented(pr, x.get_device(), kBwdBlocksPerSm, 8.0 + x.element_size() + row_bytes / s.dim);
+    const Shape segs =
+        segmented(pr, x.get_device(), kBwdBlocksPerSm, 4.0 + (1 + kRoutes) * x.element_size() + row_bytes / s.dim);
     const auto start = segment_starts(pr, segs, true, dy, x_dbl, dt_weight, dt_bias, A_log, Ds);
     BwdParams p{};
     set_inputs(p, segs, x_dbl, dt_weight, dt_bias, A_log, Ds);
@@ -188,7 +191,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.start = data_or_null(start);
     p.dy = dy.data_ptr<float>();
     p.ckpt = ckpt.data_ptr<float>();
-    p.dx = dx.data_ptr<float>();
+    p.du = du.data_ptr();
     p.dxdbl = dxdbl.data_ptr<float>();
     p.ddt_weight = ddt_weight.data_ptr<float>();
     p.ddt_bias = ddt_bias.data_ptr<float>();
@@ -197,7 +200,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const cudaError_t status = launch_ss2d_bwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(status == cudaSuccess, "ss2d: backward launch failed: ", cudaGetErrorString(status));
   }
-  return {dx.to(x.scalar_type()), dxdbl.to(x_dbl.scalar_type()), ddt_weight.transpose(1, 2).contiguous(), ddt_bias,
+  // one pass over the four maps; for 16-bit x, at::sum adds in fp32 and rounds once
+  return {du.sum(0), dxdbl.to(x_dbl.scalar_type()), ddt_weight.transpose(1, 2).contiguous(), ddt_bias,
           dA_log, dDs};
 }
 

@@ -7,24 +7,25 @@
 // route k's row [dt-rank values..., B, C].
 //
 // Work split: one warp owns one segment of one sequence (batch b, 32 consecutive channels, route k, a run of
-// consecutive steps) and walks it from start to end; lane = channel, so every load of x / dy and every atomic
-// add into y / dx is one coalesced row piece, and the per-position x_dbl values are warp-uniform. The warp
-// moves a chunk of kChunk steps at a time: first all of the chunk's loads (x per lane, the x_dbl rows into
-// shared memory), then its arithmetic, in which only h is sequential; so it waits for memory once per chunk,
-// not once per step (the backward issues a chunk's x and dy loads during the chunk before, and waits less).
-// The four routes of a (batch, channel group, segment) are the four warps of one block (BlockLayout), except in
-// the forward of long unsegmented routes, where a block's eight warps share one route (ss2d_fused_fwd.cu).
+// consecutive steps) and walks it from start to end; lane = channel, so every load of x / dy, every atomic add
+// into y and every store of the backward's per-route dx is one coalesced row piece, and the per-position x_dbl
+// values are warp-uniform. The warp moves a chunk of kChunk steps at a time: first all of the chunk's loads (x
+// per lane, the x_dbl rows into shared memory), then its arithmetic, in which only h is sequential; so it waits
+// for memory once per chunk, not once per step (the backward issues a chunk's x and dy loads during the chunk
+// before, and waits less). The four routes of a (batch, channel group, segment) are the four warps of one block
+// (BlockLayout), except in the forward of long unsegmented routes, where a block's eight warps share one route
+// (ss2d_fused_fwd.cu).
 //
 // Segments: where one block per (batch, channel group) would leave most of the GPU idle (small batches,
 // detection-size maps: batch 2 at 1333x800 is 12 blocks at stage 1), each route is cut into segments that run
 // in parallel. A segment's entering state comes from two passes before the main kernel (ss2d_segments.cu):
 // each segment's summary (its total dt, whose exponential is its decay, and the state it ends in when entered
 // with zero; about the main kernel's arithmetic), then a short walk over the summaries. The blocks go sample by
-// sample, and there are enough segments that the samples in flight keep their maps in L2, so the four adds a
-// position gets (one per route) are L2 rather than DRAM read-modify-writes. Full batches run unsegmented:
-// segmenting was measured slower there, the summary pass doubling the arithmetic that then limits. Their forward
-// gets the same L2 locality from splitting each route over a block's warps instead; the backward's adds stay
-// DRAM read-modify-writes (splitting it was measured slower, BENCHMARKS.md).
+// sample, and there are enough segments that the samples in flight keep their maps in L2: the forward's four adds
+// into y a position gets (one per route) are L2 rather than DRAM read-modify-writes, and the backward's four
+// reads of x and dy mostly hit L2. Full batches run unsegmented: segmenting was measured slower there, the summary
+// pass doubling the arithmetic that then limits. Their forward gets the same L2 locality from splitting each
+// route over a block's warps instead (splitting the backward was measured slower, BENCHMARKS.md).
 //
 // The forward saves the state entering every chunk; the backward walks its segment's chunks from the last,
 // recomputes each from its checkpoint (values held in registers) and walks it in reverse.
@@ -127,7 +128,7 @@ struct BwdParams {
   const float* Ds;
   const float* ckpt;
   const float* start;      // (B, K, num_segments, D): gradient carry entering each segment from its end
-  float* dx;               // (B, L, D) fp32, zero-initialised
+  void* du;                // (K, B, L, D) in x's dtype: each route's part of dx, every element written once
   float* dxdbl;            // (B, L, K, R + 2), zero-initialised
   float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
   float* ddt_bias;         // (K, D), zero-initialised

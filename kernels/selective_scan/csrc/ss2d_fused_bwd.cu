@@ -5,11 +5,16 @@
 // one walked before) contracts its row gradients, so the walk rarely waits for memory (measured in BENCHMARKS.md:
 // the backward at VMamba-T's stage 1 went from 1.45 to 1.31 ms).
 //
-// Per step, dx (lane = channel) is an atomic add into fp32 dx. The gradient of the route's x_dbl row at each
-// position ([d dt-rank values..., dB, dC]) is a sum over the warp's 32 channels: the reverse walk leaves each
-// lane's terms in shared memory, and once per chunk the lanes contract them over the channels (GradStage).
-// Parameter gradients (W_dt, dt bias, A, D) are summed in registers over the warp's steps and added once at
-// the end.
+// Per step, the route's part of dx (lane = channel) is stored into its own map du_k in x's dtype, as the unfused
+// path's per-route scans round it: each (route, position, channel) is written once, so there are no atomics and
+// no zero-filled buffer, and the caller sums the four maps in one pass. Against fp32 atomic adds into one dx
+// (four DRAM read-modify-writes per element) the op went from 1.27-1.30 to 1.21-1.25 ms at VMamba-T's stage 1
+// (BENCHMARKS.md).
+//
+// The gradient of the route's x_dbl row at each position ([d dt-rank values..., dB, dC]) is a sum over the warp's
+// 32 channels: the reverse walk leaves each lane's terms in shared memory, and once per chunk the lanes contract
+// them over the channels (GradStage). Parameter gradients (W_dt, dt bias, A, D) are summed in registers over the
+// warp's steps and added once at the end.
 #include "ss2d_fused.cuh"
 
 namespace selective_scan {
@@ -125,7 +130,7 @@ template <typename T, int kV, bool kFull>
 __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& task, const RouteParams<kV - 2>& rp,
                                                ParamGrads<kV - 2>& acc, RowStage<kV>& stage, GradStage<kV>& grads,
                                                ChunkInputs<T, kV>& in, bool more, const T* x, const float* dy,
-                                               float* dx, float* dxdbl, int t0, int n, float& g) {
+                                               T* du, float* dxdbl, int t0, int n, float& g) {
   constexpr int kChunk = chunk_for_kv(kV);
   const Shape& s = p.s;
   if constexpr (!ChunkInputs<T, kV>::kAhead) in.fetch(p, task, x, dy, t0 / kChunk);
@@ -161,7 +166,7 @@ __device__ __forceinline__ void backward_chunk(const BwdParams& p, const Task& t
       acc.dbias += dz;
       for_each_rank_value(stage, i, [&](int j, float v) { acc.dw[j] = fmaf(dz, v, acc.dw[j]); });
       grads.put(i, task.lane, pos, dz, dh * dt * xt, dyt * hs[i + 1]);
-      atomicAdd(dx + pos * s.dim, task.on * fmaf(rp.Dk, dyt, dh * dt * Bt));
+      if (task.active) du[pos * s.dim] = from_float<T>(fmaf(rp.Dk, dyt, dh * dt * Bt));
     }
   }
   if (ChunkInputs<T, kV>::kAhead && more) in.fetch(p, task, x, dy, t0 / kChunk - 1);
@@ -192,7 +197,7 @@ __global__ void __launch_bounds__(RouteWarps::kThreads, kBwdBlocksPerSm) ss2d_bw
   const long base = task.map_offset(s);
   const T* x = static_cast<const T*>(p.x) + base;
   const float* dy = p.dy + base;
-  float* dx = p.dx + base;
+  T* du = static_cast<T*>(p.du) + task.k * s.batch * static_cast<long>(s.length) * s.dim + base;
   float* dxdbl = p.dxdbl + task.rows_offset(s);
   float g = task.segment_start(s, p.start);  // gradient carry from the right
   // the chunks go from the segment's last
@@ -200,7 +205,7 @@ __global__ void __launch_bounds__(RouteWarps::kThreads, kBwdBlocksPerSm) ss2d_bw
   if constexpr (ChunkInputs<T, kV>::kAhead) in.fetch(p, task, x, dy, task.end_chunk(s) - 1);
   task.for_each_chunk<kChunk, true>(s, [&](auto full, int c, int t0, int n) {
     backward_chunk<T, kV, decltype(full)::value>(p, task, rp, acc, stage, grads, in, c > task.first_chunk(s), x, dy,
-                                                 dx, dxdbl, t0, n, g);
+                                                 du, dxdbl, t0, n, g);
   });
   if (!task.active) return;
   const long kd = static_cast<long>(task.k) * s.dim + task.d;
