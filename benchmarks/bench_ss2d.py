@@ -9,7 +9,8 @@ x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return
   fused:   selective_scan.ss2d.ss2d_core(backend="fused") (the x_dbl GEMM plus the fused kernels).
 fwd+bwd adds the backward of a fixed fp32 output gradient into x and the five SSM parameters. Times are
 medians of CUDA-event timings. Also timed: the x_dbl GEMM alone and the fused forward / backward ops alone
-(kernel plus its zero-fills and casts), so the rest of the fused time is PyTorch glue and the GEMM backward.
+(kernel plus its zero-fills, casts and, backward, the sum of the four routes' dx maps), so the rest of the fused
+time is PyTorch glue and the GEMM backward.
 
 Bytes per element for the bandwidth columns are what any SS2D core implementation must move per (batch,
 position, channel) element, with s the bytes of x's dtype: forward s + 4 (x read, fp32 y written),
