@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / 'segmentation/configs/demo/upernet_vssm_synthetic_tiny.py'
 TINY_MODEL = [
     'model.backbone.dims=16', 'model.backbone.depths=[1,1,1,1]',

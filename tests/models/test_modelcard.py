@@ -3,7 +3,7 @@ import os
 import subprocess
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CLASSIFICATION = ('vmambav2v_tiny_224', 'vmambav2_small_224', 'vmambav2_base_224', 'vmambav2_tiny_224',
                   'vmambav2v_small_224', 'vmambav2v_base_224', 'vmambav0_tiny_224',
                   'vmambav0_small_224', 'vmambav0_base_224')

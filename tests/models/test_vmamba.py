@@ -11,7 +11,7 @@ import classification.models as models
 from classification.config import load_config
 from classification.models import VSSM, Backbone_VSSM, build_model
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "classification" / "configs" / "vssm"
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "classification" / "configs" / "vssm"
 
 # SPEC section 3.2: builder, yaml, exact parameter count (1000 classes)
 PUBLISHED = [

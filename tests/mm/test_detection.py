@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / 'detection/configs/demo/mask_rcnn_vssm_fpn_synthetic_tiny.py'
 TINY_BACKBONE = [
     'model.backbone.dims=16', 'model.backbone.depths=[1,1,1,1]',

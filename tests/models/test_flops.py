@@ -14,7 +14,7 @@ import classification.models as models
 from classification.models import VSSM
 from classification.models.flops import count_flops, count_params, flop_handlers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def test_scan_counted_by_spec_rule():
