@@ -65,7 +65,7 @@ def route_orders(height: int, width: int, routes: str = "cross2d") -> torch.Tens
 
     Read off cross_scan itself (applied to a map of raster indices), so it always agrees with the model.
     """
-    from classification.models.cross_scan import cross_scan
+    from selective_scan.cross_scan import cross_scan
     raster = torch.arange(height * width, dtype=torch.float64).view(1, 1, height, width)
     return cross_scan(raster, channel_first=True, routes=routes)[0, :, 0].long()
 

@@ -1,6 +1,5 @@
 """VMamba models: ``build_model(config)`` for the trainer and the timm-registered builders."""
 from .checkpoint import load_pretrained, load_state_dict_from
-from .cross_scan import cross_merge, cross_scan
 from .vmamba import (
     FORWARD_TYPES,
     Backbone_VSSM,
@@ -72,4 +71,4 @@ def build_model(config):
 
 
 __all__ = ["build_model", "vssm_kwargs_from_config", "VSSM", "Backbone_VSSM", "SS2D", "VSSBlock", "FORWARD_TYPES",
-           "cross_scan", "cross_merge", "load_pretrained", "load_state_dict_from", "BUILDERS", *BUILDERS]
+           "load_pretrained", "load_state_dict_from", "BUILDERS", *BUILDERS]

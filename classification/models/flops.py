@@ -11,7 +11,7 @@ from fvcore.nn.jit_handles import get_shape
 
 __all__ = ["flop_handlers", "count_flops", "count_params", "scan_flop_jit"]
 
-SCAN_OP = "selective_scan::scan_fwd"
+SCAN_OP = "selective_scan::fwd"
 ZERO_FLOP_OPS = (
     "aten::silu", "aten::silu_", "aten::gelu", "aten::neg", "aten::exp", "aten::flip", "aten::softplus",
     "prim::PythonOp.CrossScan", "prim::PythonOp.CrossMerge",
@@ -19,7 +19,7 @@ ZERO_FLOP_OPS = (
 
 
 def scan_flop_jit(inputs, outputs):
-    """fvcore handle for ``selective_scan::scan_fwd(u, delta, A, B, C, D, ...)``."""
+    """fvcore handle for ``selective_scan::fwd(u, delta, A, B, C, D, ...)``."""
     from selective_scan import scan_flops
     batch, channels, length = get_shape(inputs[0])
     d_state = get_shape(inputs[2])[1]

@@ -18,11 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from selective_scan import ss2d
 from selective_scan.layer_norm import layer_norm
 from timm.layers import DropPath, trunc_normal_
 from timm.models import register_model
-
-from .cross_scan import cross_merge, cross_scan
 
 __all__ = ["Linear2d", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
            "NORM_LAYERS", "rename_legacy_keys"]
@@ -234,26 +233,13 @@ _V2_BASES = {
 FORWARD_TYPES = ["v0"] + sorted(_V2_BASES) + sorted(b + "_noz" for b in _V2_BASES)
 
 
-def _selective_scan_fn():
-    # imported on first forward: building models and counting parameters needs no kernel
-    from selective_scan import selective_scan_fn
-    return selective_scan_fn
+SS2D_CORES = ("auto",) + ss2d.BACKENDS
 
 
-# The fused SS2D core on CUDA (set VMAMBA_SS2D_FUSED=0, or this flag False, for the unfused path)
-FUSED_SS2D = os.environ.get("VMAMBA_SS2D_FUSED", "1") != "0"
-
-
-def _fused_ss2d(module, x):
-    """The selective_scan.ss2d module when SS2D `module` runs its core fused on x, else None: CUDA tensors,
-    cross2d routes, and what the fused kernel supports (its dispatch rule). Under jit tracing (fvcore's FLOP
-    count) the unfused ops are traced, since the FLOP handlers key on them."""
-    if not (FUSED_SS2D and x.is_cuda and module.routes == "cross2d") or torch.jit.is_tracing():
-        return None
-    from selective_scan import ss2d
-    if ss2d.fused_unsupported_reason(x, module.dt_rank, module.d_state) is not None:
-        return None
-    return ss2d
+def _default_ss2d_core():
+    """SS2D's core when the model is built without one: "auto" (fused on CUDA where the kernels take the call),
+    or "unfused" where VMAMBA_SS2D_FUSED=0 is set (for scripts that cannot pass a model argument)."""
+    return "unfused" if os.environ.get("VMAMBA_SS2D_FUSED", "1") == "0" else "auto"
 
 
 class SS2D(nn.Module):
@@ -262,6 +248,9 @@ class SS2D(nn.Module):
 
     ``forward_type``: "v0" (vanilla VMamba, channel-last only) or a v2-family name such as
     "v05_noz" (no gate, what the published v2 models use); see FORWARD_TYPES.
+    ``core``: the implementation of the scan core (``selective_scan.ss2d.ss2d_core``): "auto" (fused on CUDA
+    where the fused kernels take the call, unfused otherwise), "fused", "unfused" or "reference"; None reads
+    the default (see ``_default_ss2d_core``).
     """
 
     K = 4
@@ -283,9 +272,13 @@ class SS2D(nn.Module):
         initialize="v0",
         forward_type="v2",
         channel_first=False,
+        core=None,
     ):
         super().__init__()
         mode = _parse_forward_type(forward_type)
+        core = _default_ss2d_core() if core is None else core
+        if core not in SS2D_CORES:
+            raise ValueError(f"unknown ss2d core {core!r}; valid: {list(SS2D_CORES)}")
         if forward_type == "v0" and channel_first:
             raise ValueError("forward_type 'v0' is channel-last only: use norm_layer 'ln'")
         if initialize != "v0":
@@ -297,6 +290,11 @@ class SS2D(nn.Module):
         self.d_state = d_state
         self.d_inner = d_inner = int(ssm_ratio * d_model)
         self.dt_rank = dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
+        if core == "fused":
+            reason = ss2d.fused_unsupported_reason(dt_rank, d_state, self.routes)
+            if reason is not None:
+                raise ValueError(f"ss2d core 'fused' cannot run this block: {reason}")
+        self.core = core
         K = self.K
         linear = Linear2d if channel_first else nn.Linear
 
@@ -333,32 +331,17 @@ class SS2D(nn.Module):
         self.A_logs.copy_(torch.log(torch.arange(1, N + 1, dtype=torch.float32, device=device)).repeat(K * D, 1))
         self.Ds.fill_(1.0)
 
-    def scan_args(self, x):
-        """x (B, D, H, W) after the depthwise conv -> the keyword arguments of the selective scan."""
-        B, D, H, W = x.shape
-        K, N, R, L = self.K, self.d_state, self.dt_rank, H * W
-        xs = cross_scan(x, channel_first=True, routes=self.routes)  # (B, K, D, L)
-        # per-route projections as batched GEMMs over (B*K): xs is read in place (an einsum would
-        # permute a copy of it); the explicit expand makes fvcore count the batch dimension
-        x_dbl = torch.matmul(self.x_proj_weight.expand(B, -1, -1, -1), xs)  # (B, K, R+2N, L)
-        dts, Bs, Cs = torch.split(x_dbl, [R, N, N], dim=2)
-        dts = torch.matmul(self.dt_projs_weight.expand(B, -1, -1, -1), dts)  # (B, K, D, L)
-        xs, dts = xs.view(B, K * D, L), dts.reshape(B, K * D, L)
-        if self.fp32_inputs:
-            xs, dts, Bs, Cs = xs.float(), dts.float(), Bs.float(), Cs.float()
-        return dict(u=xs, delta=dts, A=-torch.exp(self.A_logs.float()), B=Bs, C=Cs, D=self.Ds.float(),
-                    delta_bias=self.dt_projs_bias.view(-1).float(), delta_softplus=True)
-
     def ssm(self, x):
-        """x (B, D, H, W) -> merged scan output, fp32, in the module's layout. On CUDA the fused SS2D core
-        (selective_scan.ss2d) replaces cross-scan, projections, scan and merge where it applies."""
-        B, D, H, W = x.shape
-        ss2d = _fused_ss2d(self, x)
-        if ss2d is not None:
-            return ss2d.fused_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
-                                   self.Ds, self.channel_first)
-        ys = _selective_scan_fn()(**self.scan_args(x), out_float=True)
-        return cross_merge(ys.view(B, self.K, D, H, W), channel_first=self.channel_first, routes=self.routes)
+        """x (B, D, H, W) after the depthwise conv -> merged scan output, fp32, in the module's layout."""
+        return ss2d.ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                              routes=self.routes, channel_first=self.channel_first,
+                              fp32_scan_inputs=self.fp32_inputs, backend=None if self.core == "auto" else self.core,
+                              check=False)
+
+    def core_for(self, x):
+        """Which implementation ``ssm`` runs for an input map like x (B, D, H, W): "fused", "unfused" or
+        "reference"."""
+        return ss2d.select_core(x, self.dt_rank, self.d_state, self.routes, None if self.core == "auto" else self.core)
 
     def pre_scan(self, x):
         """in_proj, gate split, depthwise conv, activation -> (x channel-first, z or None)."""
@@ -378,7 +361,9 @@ class SS2D(nn.Module):
         """For analysis (attention maps): the scan's inputs for block input ``x``, plus the map size
         and route set. Same code path as forward."""
         x, _ = self.pre_scan(x)
-        return dict(self.scan_args(x), height=x.shape[2], width=x.shape[3], routes=self.routes)
+        scan = ss2d.unfused_scan_inputs(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs,
+                                        self.Ds, self.routes, self.fp32_inputs)
+        return dict(scan, height=x.shape[2], width=x.shape[3], routes=self.routes)
 
     def forward(self, x):
         x, z = self.pre_scan(x)
@@ -412,6 +397,7 @@ class VSSBlock(nn.Module):
         mlp_drop_rate=0.0,
         gmlp=False,
         use_checkpoint=False,
+        ss2d_core=None,
     ):
         super().__init__()
         self.use_checkpoint = use_checkpoint
@@ -420,7 +406,7 @@ class VSSBlock(nn.Module):
             self.op = SS2D(
                 d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
                 act_layer=ssm_act_layer, d_conv=ssm_conv, conv_bias=ssm_conv_bias, dropout=ssm_drop_rate,
-                initialize=ssm_init, forward_type=forward_type, channel_first=channel_first,
+                initialize=ssm_init, forward_type=forward_type, channel_first=channel_first, core=ss2d_core,
             )
         else:
             self.op = None
@@ -510,6 +496,7 @@ class VSSM(nn.Module):
         patchembed_version="v1",
         use_checkpoint=False,
         posembed=False,
+        ss2d_core=None,
         **kwargs,
     ):
         super().__init__()
@@ -544,7 +531,7 @@ class VSSM(nn.Module):
                     ssm_d_state=ssm_d_state, ssm_ratio=ssm_ratio, ssm_dt_rank=ssm_dt_rank, ssm_act_layer=ssm_act,
                     ssm_conv=ssm_conv, ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init,
                     forward_type=forward_type, mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act,
-                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp, use_checkpoint=use_checkpoint,
+                    mlp_drop_rate=mlp_drop_rate, gmlp=gmlp, use_checkpoint=use_checkpoint, ss2d_core=ss2d_core,
                 )
                 for rate in block_rates
             ]

@@ -5,7 +5,7 @@ import textwrap
 import pytest
 import torch
 
-from classification.models.cross_scan import ROUTE_SETS, cross_merge, cross_scan
+from selective_scan.cross_scan import ROUTE_SETS, cross_merge, cross_scan
 
 
 def spec_route_orders(routes, H, W):
@@ -69,7 +69,7 @@ def test_merge_accepts_flat_routes_with_hw_and_rejects_bad_input():
 
 TRITON_VS_TORCH = textwrap.dedent("""
     import torch
-    from classification.models.cross_scan import ROUTE_SETS, cross_merge, cross_scan
+    from selective_scan.cross_scan import ROUTE_SETS, cross_merge, cross_scan
     torch.manual_seed(0)
     checked = 0
     for routes in ROUTE_SETS:

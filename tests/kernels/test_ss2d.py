@@ -1,11 +1,11 @@
-"""The fused SS2D core (selective_scan.ss2d) against the unfused path.
+"""SS2D's core (selective_scan.ss2d): the fused, unfused and reference implementations against each other.
 
-CPU: the reference equals SS2D's own unfused ssm; the fused interface (the x_dbl GEMM, the ops' autograd rule,
-run by the ops' PyTorch implementation) equals the reference in forward and every gradient; validation,
-dispatch and torch.compile of the interface.
+CPU: the reference equals the unfused core for every route set and d_state; the fused interface (the x_dbl GEMM,
+the ops' autograd rule, run by the ops' PyTorch kernel) equals the reference in forward and every gradient;
+validation, dispatch and torch.compile of the interface.
 CUDA (device only): the kernels against a float64 oracle of the ops' contract from the same rounded inputs
-(so the tolerance measures the kernels alone; SPEC section 1 tolerances), for odd sizes, all dtypes and a
-detection-size map; opcheck of the dispatcher ops; the fused SS2D module against the unfused one under
+(so the tolerance measures the kernels alone, at the selective scan's tolerances), for odd sizes, all dtypes and
+a detection-size map; opcheck of the dispatcher ops; the fused SS2D module against the unfused one under
 autocast; and torch.compile of a fused SS2D.
 """
 
@@ -16,10 +16,9 @@ import sys
 import pytest
 import torch
 
-from classification.models import vmamba
-from classification.models.cross_scan import cross_scan
 from classification.models.vmamba import SS2D
 from selective_scan import ss2d
+from selective_scan.cross_scan import ROUTE_SETS, cross_scan
 
 PARAM_NAMES = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
@@ -63,27 +62,42 @@ def assert_close(actual, expected, rtol, atol, what=""):
 # ------------------------------------------------------------------------------------------------ CPU
 
 
-def test_route_positions_match_cross_scan():
+@pytest.mark.parametrize("routes", sorted(ROUTE_SETS))
+def test_route_positions_match_cross_scan(routes):
     x = torch.randn(2, 3, 5, 7)
-    xs = cross_scan(x, channel_first=True, routes="cross2d", backend="torch")
-    positions = ss2d.route_positions(5, 7)
+    xs = cross_scan(x, channel_first=True, routes=routes, backend="torch")
+    positions = ss2d.route_positions(5, 7, routes)
     for k in range(4):
         torch.testing.assert_close(xs[:, k], x.flatten(2)[:, :, positions[k]], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("routes", sorted(ROUTE_SETS))
+@pytest.mark.parametrize("d_state", [1, 4])
 @pytest.mark.parametrize("channel_first", [True, False])
-def test_reference_equals_ss2d_unfused_ssm(channel_first):
+def test_reference_equals_unfused_core(channel_first, d_state, routes):
+    """Forward and every gradient: the route copies, batched projections and cross-merge of the unfused core
+    against the reference's gather through the index maps."""
+    dim, rank = 11, 3
+    params = make_params(dim, rank, d_state=d_state, seed=d_state)
+    x = torch.randn(2, dim, 5, 7, generator=torch.Generator().manual_seed(4))
+    y_ref, grads_ref = run_core(x, params, "reference", channel_first, routes=routes)
+    y, grads = run_core(x, params, "unfused", channel_first, routes=routes)
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    # merged output in channels-last storage, as cross_merge's
+    assert (y.permute(0, 2, 3, 1) if channel_first else y).is_contiguous()
+    assert_close(y, y_ref, 1e-5, 1e-5, "y")
+    for name, g, g_ref in zip(("x",) + PARAM_NAMES, grads, grads_ref):
+        assert_close(g, g_ref, 1e-4, 1e-5, name)
+
+
+def test_ss2d_module_calls_the_core():
     torch.manual_seed(0)
-    module = SS2D(d_model=20, d_state=1, ssm_ratio=1.85, forward_type="v05_noz", channel_first=channel_first)
+    module = SS2D(d_model=20, d_state=1, ssm_ratio=1.85, forward_type="v05_noz", channel_first=True)
     x = torch.randn(2, module.d_inner, 5, 7)
     params = {k: getattr(module, k) for k in PARAM_NAMES}
     with torch.no_grad():
-        expected = module.ssm(x)
-        y = ss2d.ss2d_core_reference(x, **params, channel_first=channel_first)
-    assert y.shape == expected.shape and y.dtype == torch.float32
-    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
-    # merged output in channels-last storage, as cross_merge's
-    assert (y.permute(0, 2, 3, 1) if channel_first else y).is_contiguous()
+        torch.testing.assert_close(module.ssm(x), ss2d.ss2d_core(x, **params, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("rank", [1, 2, 6, 12, 24, 30])
@@ -96,7 +110,7 @@ def test_fused_interface_equals_reference_on_cpu(rank, channel_first):
     x = torch.randn(2, dim, height, width, generator=torch.Generator().manual_seed(3))
     if not channel_first:
         x = x.contiguous(memory_format=torch.channels_last)
-    y_ref, grads_ref = run_core(x, params, "reference", channel_first)
+    y_ref, grads_ref = run_core(x, params, "unfused", channel_first)
     y, grads = run_core(x, params, "fused", channel_first)
     assert y.shape == y_ref.shape
     assert_close(y, y_ref, 1e-5, 1e-5, "y")
@@ -107,18 +121,21 @@ def test_fused_interface_equals_reference_on_cpu(rank, channel_first):
 def test_dispatch_rule_and_validation():
     params = make_params(8, 2)
     x = torch.randn(1, 8, 3, 4)
-    # CPU tensors take the reference by default
-    torch.testing.assert_close(ss2d.ss2d_core(x, **params), ss2d.ss2d_core_reference(x, **params), rtol=0, atol=0)
-    assert ss2d.fused_unsupported_reason(x, 2, 1) is None
-    assert "d_state" in ss2d.fused_unsupported_reason(x, 2, 16)
-    assert ss2d.fused_unsupported_reason(x, 66, 1) is None
-    assert "dt rank 67" in ss2d.fused_unsupported_reason(x, 67, 1)
-    assert "dtype" in ss2d.fused_unsupported_reason(x.double(), 2, 1)
+    # CPU tensors take the unfused core by default
+    assert ss2d.select_core(x, 2, 1) == "unfused"
+    torch.testing.assert_close(ss2d.ss2d_core(x, **params), ss2d.ss2d_core(x, **params, backend="unfused"),
+                               rtol=0, atol=0)
+    assert ss2d.fused_unsupported_reason(2, 1, x=x) is None
+    assert "d_state" in ss2d.fused_unsupported_reason(2, 16)
+    assert ss2d.fused_unsupported_reason(66, 1) is None
+    assert "dt rank 67" in ss2d.fused_unsupported_reason(67, 1)
+    assert "cross2d" in ss2d.fused_unsupported_reason(2, 1, "bidi")
+    assert "dtype" in ss2d.fused_unsupported_reason(2, 1, x=x.double())
     with pytest.raises(RuntimeError, match="backend='fused'.*d_state is 4"):
         ss2d.ss2d_core(x, **make_params(8, 2, d_state=4), backend="fused")
     with pytest.raises(RuntimeError, match="dt rank 67"):
         ss2d.ss2d_core(x, **make_params(8, 67), backend="fused")
-    # v0-style d_state 4 still works through the reference
+    # v0-style d_state 4 still works through the default
     assert ss2d.ss2d_core(x, **make_params(8, 2, d_state=4)).shape == (1, 8, 3, 4)
     with pytest.raises(ValueError, match="`x` must be"):
         ss2d.ss2d_core(x[0], **params)
@@ -128,13 +145,30 @@ def test_dispatch_rule_and_validation():
         ss2d.ss2d_core(x, **{**params, "Ds": params["Ds"][:-1]})
     with pytest.raises(ValueError, match="`dt_projs_weight` must be"):
         ss2d.ss2d_core(x[:, :7], **params)
+    with pytest.raises(ValueError, match="route set"):
+        ss2d.ss2d_core(x, **params, routes="diagonal")
     with pytest.raises(ValueError, match="`backend`"):
-        ss2d.ss2d_core(x, **params, backend="triton")
+        ss2d.ss2d_core(x, **params, backend="cuda")
 
 
-def test_model_dispatch_stays_unfused_on_cpu_and_under_tracing():
-    module = SS2D(d_model=16, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", channel_first=True)
-    assert vmamba._fused_ss2d(module, torch.randn(1, 32, 4, 4)) is None
+def test_module_core_is_a_constructor_argument(monkeypatch):
+    def block(**kwargs):
+        return SS2D(d_model=16, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", channel_first=True, **kwargs)
+
+    x = torch.randn(1, 32, 4, 4)
+    assert block().core == "auto" and block().core_for(x) == "unfused"  # CPU
+    assert block(core="fused").core_for(x) == "fused"
+    assert block(core="unfused").core_for(x) == "unfused"
+    monkeypatch.setenv("VMAMBA_SS2D_FUSED", "0")  # the environment sets the default only
+    assert block().core == "unfused" and block(core="auto").core == "auto"
+    with pytest.raises(ValueError, match="unknown ss2d core 'triton'"):
+        block(core="triton")
+    with pytest.raises(ValueError, match="'fused' cannot run this block: d_state is 16"):
+        SS2D(d_model=16, d_state=16, forward_type="v0", core="fused")
+    # a whole model passes it to every block
+    import classification.models as models
+    model = models.vmamba_tiny_s1l8(num_classes=10, ss2d_core="unfused")
+    assert {m.core for m in model.modules() if isinstance(m, SS2D)} == {"unfused"}
 
 
 def op_inputs(x, params):
@@ -164,7 +198,7 @@ def test_fused_interface_without_the_extension():
         "p = [w, torch.rand(4, 8, 2) - 0.5, torch.full((4, 8), -3.0), torch.zeros(32, 1), torch.ones(32)]\n"
         "y = ss2d.ss2d_core(x, *p, backend='fused')\n"
         "y.sum().backward()\n"
-        "torch.testing.assert_close(y, ss2d.ss2d_core(x, *p, backend='reference'))\n"
+        "torch.testing.assert_close(y, ss2d.ss2d_core(x, *p, backend='unfused'))\n"
         "print('ok', x.grad.abs().sum().item() > 0)\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -192,7 +226,7 @@ def test_torch_compile_fused_interface_cpu():
 # ----------------------------------------------------------------------------------------------- CUDA
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# SPEC section 1 (rtol, atol): y is fp32 arithmetic on the given inputs whatever x's dtype
+# the selective scan's tolerances (rtol, atol): y is fp32 arithmetic on the given inputs whatever x's dtype
 Y_TOL = (6e-4, 2e-3)
 DX_TOL = {torch.float32: (1.2e-3, 4e-3), torch.float16: (6e-3, 1e-2), torch.bfloat16: (6e-2, 1e-1)}
 XDBL_TOL = (3e-3, 2e-2)  # like ddelta: rtol 5x, atol 10x
@@ -211,7 +245,7 @@ def op_grads_cuda(x, params, seed=1):
         return y.detach(), list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
 
     fused = run([t.detach().clone().requires_grad_() for t in inputs], ss2d.scan_routes)
-    oracle = run([t.detach().double().requires_grad_() for t in inputs], ss2d._fused_core_torch)
+    oracle = run([t.detach().double().requires_grad_() for t in inputs], ss2d.scan_routes_reference)
     return fused, oracle
 
 
@@ -286,19 +320,17 @@ def test_fused_ops_reject_bad_inputs():
         torch.ops.selective_scan_ss2d.bwd(torch.zeros(1, 5, 4, 12, device="cuda"), *inputs, ckpt)
 
 
-def ss2d_module_grads(module, x, fused, dtype, seed=2):
-    vmamba_fused = vmamba.FUSED_SS2D
-    vmamba.FUSED_SS2D = fused
-    try:
-        x = x.detach().clone().requires_grad_()
-        module.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            y = module(x)
-        dy = torch.randn(y.shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda")
-        y.float().backward(dy)
-        return y.detach().float(), [x.grad] + [p.grad.clone() for p in module.parameters()]
-    finally:
-        vmamba.FUSED_SS2D = vmamba_fused
+def ss2d_module_grads(module, x, core, dtype, seed=2):
+    """Output and gradients of SS2D `module` with its core set to `core` ("fused" / "unfused"; None: as is)."""
+    if core is not None:
+        module.core = core
+    x = x.detach().clone().requires_grad_()
+    module.zero_grad(set_to_none=True)
+    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        y = module(x)
+    dy = torch.randn(y.shape, generator=torch.Generator("cuda").manual_seed(seed), device="cuda")
+    y.float().backward(dy)
+    return y.detach().float(), [x.grad] + [p.grad.clone() for p in module.parameters()]
 
 
 MODULE_TOL = {torch.float32: (1e-3, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
@@ -319,11 +351,11 @@ def test_fused_ss2d_module_matches_unfused(dtype, config, channel_first):
     with torch.no_grad():
         module.A_logs.uniform_(-0.5, 0.7)
         module.Ds.normal_()
-    assert vmamba._fused_ss2d(module, torch.empty(1, module.d_inner, 2, 2, device="cuda")) is not None
+    assert module.core_for(torch.empty(1, module.d_inner, 2, 2, device="cuda")) == "fused"
     shape = (2, d_model, height, width) if channel_first else (2, height, width, d_model)
     x = torch.randn(shape, device="cuda")
-    y, grads = ss2d_module_grads(module, x, True, dtype)
-    y_ref, grads_ref = ss2d_module_grads(module, x, False, dtype)
+    y, grads = ss2d_module_grads(module, x, "fused", dtype)
+    y_ref, grads_ref = ss2d_module_grads(module, x, "unfused", dtype)
     rtol, atol = MODULE_TOL[dtype]
     assert_close(y, y_ref, rtol, atol, "y")
     names = ["x"] + [n for n, _ in module.named_parameters()]
@@ -342,7 +374,7 @@ def test_model_dispatch(name, expected):
     fused = []
     for stage in model.layers:
         op = stage.blocks[0].op
-        fused.append(vmamba._fused_ss2d(op, torch.empty(1, op.d_inner, 2, 2, device="cuda")) is not None)
+        fused.append(op.core_for(torch.empty(1, op.d_inner, 2, 2, device="cuda")) == "fused")
     assert fused == expected
 
 
@@ -352,9 +384,9 @@ def test_torch_compile_fused_ss2d_module():
     module = SS2D(d_model=32, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", conv_bias=False,
                   channel_first=True).cuda()
     x = torch.randn(2, 32, 11, 9, device="cuda")
-    y_eager, grads_eager = ss2d_module_grads(module, x, True, torch.float16)
+    y_eager, grads_eager = ss2d_module_grads(module, x, "fused", torch.float16)
     compiled = torch.compile(module, fullgraph=True)
-    y, grads = ss2d_module_grads(compiled, x, True, torch.float16)
+    y, grads = ss2d_module_grads(compiled, x, None, torch.float16)
     assert_close(y, y_eager, 1e-3, 1e-3, "y")
     for g, g_eager in zip(grads, grads_eager):
         assert_close(g, g_eager, 1e-3, 1e-3)

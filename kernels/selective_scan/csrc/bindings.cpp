@@ -1,4 +1,4 @@
-// Python bindings of the selective-scan CUDA kernels: argument checks, allocation and dispatch.
+// The dispatcher ops selective_scan::fwd / ::bwd and their CUDA kernels: argument checks, allocation and launch.
 // The Python layer (selective_scan/ops.py) validates shapes with user-facing messages first; the checks
 // here only keep a bad call from reaching a kernel. Only c10 CUDA headers are included (not ATen/cuda),
 // so a toolkit without the cuBLAS/cuSPARSE headers still builds it.
@@ -8,6 +8,7 @@
 
 #include <optional>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "scalar_kind.h"
@@ -68,9 +69,11 @@ ScanShape make_shape(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   return s;
 }
 
-std::vector<at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B,
-                            const at::Tensor& C, const std::optional<at::Tensor>& D,
-                            const std::optional<at::Tensor>& delta_bias, bool softplus, bool out_float) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& u, const at::Tensor& delta, const at::Tensor& A,
+                                                   const at::Tensor& B, const at::Tensor& C,
+                                                   const std::optional<at::Tensor>& D,
+                                                   const std::optional<at::Tensor>& delta_bias, bool softplus,
+                                                   bool out_float) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 3 && u.is_contiguous(), "selective_scan: `u` must be a contiguous 3-D CUDA tensor");
   const ScalarKind kind = scalar_kind(u, "selective_scan", "u");
   const c10::cuda::CUDAGuard guard(u.device());
@@ -107,10 +110,12 @@ int warps_per_block(int channels_per_group) {
   return 1;
 }
 
-std::vector<at::Tensor> bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state, const at::Tensor& u,
-                            const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
-                            const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& delta_bias,
-                            const at::Tensor& checkpoints, bool softplus) {
+using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+Grads bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state, const at::Tensor& u,
+          const at::Tensor& delta, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+          const std::optional<at::Tensor>& D, const std::optional<at::Tensor>& delta_bias,
+          const at::Tensor& checkpoints, bool softplus) {
   TORCH_CHECK(u.is_cuda() && u.dim() == 3 && u.is_contiguous(), "selective_scan: `u` must be a contiguous 3-D CUDA tensor");
   const ScalarKind kind = scalar_kind(u, "selective_scan", "u");
   const c10::cuda::CUDAGuard guard(u.device());
@@ -158,6 +163,10 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const std::optional<at::Tens
   p.dC = dC.data_ptr<float>();
   p.dD = D ? dD.data_ptr<float>() : nullptr;
   p.ddelta_bias = delta_bias ? ddelta_bias.data_ptr<float>() : nullptr;
+  if (u.numel() == 0) {
+    if (delta_groups) ddelta = at::zeros_like(delta);
+    return {du, ddelta, dA, dB.to(B.scalar_type()), dC.to(C.scalar_type()), dD, ddelta_bias};
+  }
   const cudaError_t status =
       launch_scan_bwd(p, kind, warps_per_block(s.channels / s.groups), c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(status == cudaSuccess, "selective_scan: backward kernel launch failed: ", cudaGetErrorString(status));
@@ -171,9 +180,21 @@ std::vector<at::Tensor> bwd(const at::Tensor& dout, const std::optional<at::Tens
 }  // namespace
 }  // namespace selective_scan
 
+// Schemas as selective_scan/ops.py defines them when the extension is not built.
+TORCH_LIBRARY(selective_scan, m) {
+  m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus,"
+        " bool out_float) -> (Tensor, Tensor, Tensor)");
+  m.def("bwd(Tensor dy, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D,"
+        " Tensor? delta_bias, Tensor checkpoints, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor,"
+        " Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(selective_scan, CUDA, m) {
+  m.impl("fwd", &selective_scan::fwd);
+  m.impl("bwd", &selective_scan::bwd);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Selective-scan (S6) CUDA kernels for VMamba";
-  m.def("fwd", &selective_scan::fwd, "forward: returns [y, last_state, checkpoints]");
-  m.def("bwd", &selective_scan::bwd, "backward: returns [du, ddelta, dA, dB, dC, dD, ddelta_bias]");
+  m.doc() = "Selective-scan (S6), fused SS2D and LayerNorm CUDA kernels for VMamba (registered as dispatcher ops)";
   m.def("build_info", [] { return std::string(SELECTIVE_SCAN_BUILD_INFO); }, "how this extension was built");
 }

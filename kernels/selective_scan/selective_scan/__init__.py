@@ -1,6 +1,15 @@
-"""Selective scan (S6) for VMamba: a CUDA extension and an exact chunked PyTorch path behind one op."""
+"""Kernels of VMamba: the selective scan (S6), cross-scan / cross-merge, the SS2D core and a channels-last LayerNorm.
 
+Three layers, as in mamba_ssm: the compiled kernels (csrc/, the extension `selective_scan._C`, which registers
+them as dispatcher ops), their Python interface (ops.py, cross_scan.py, ss2d.py, layer_norm.py: one dispatcher
+each, the autograd rule, and the PyTorch reference beside the kernels), and the nn.Modules, which live with the
+model (classification/models/vmamba.py) and call `ss2d_core` and `layer_norm`.
+"""
+
+from .cross_scan import ROUTE_SETS, cross_merge, cross_scan, route_positions
 from .ops import build_info, cuda_available, extension_built, scan_flops, selective_scan_fn
 from .reference import selective_scan_ref
+from .ss2d import ss2d_core
 
-__all__ = ["selective_scan_fn", "selective_scan_ref", "scan_flops", "cuda_available", "extension_built", "build_info"]
+__all__ = ["selective_scan_fn", "selective_scan_ref", "scan_flops", "ss2d_core", "cross_scan", "cross_merge",
+           "route_positions", "ROUTE_SETS", "cuda_available", "extension_built", "build_info"]

@@ -1,15 +1,28 @@
-"""The selective scan as registered torch.library ops, its autograd rule, and the user-facing function.
+"""The selective scan (S6) as dispatcher ops, its autograd rule and the user-facing `selective_scan_fn`.
 
-`selective_scan::scan_fwd` / `selective_scan::scan_bwd` are real dispatcher ops (with fake kernels), so
-torch.compile traces through them without a graph break, torch.jit.trace records them by name (the FLOP
-counter keys on that name), and autocast leaves their inputs alone. Each op runs either the CUDA
-extension or the torch path in torch_scan.py, chosen by its `use_cuda_kernel` argument.
+How this package registers its operators (the scan here, the fused SS2D core in ss2d.py, the LayerNorm in
+layer_norm.py), one way for all of them:
+
+* each op family is a pair of dispatcher ops `<namespace>::fwd` / `::bwd` with a schema. The compiled extension
+  defines them in C++ (TORCH_LIBRARY) with their CUDA kernels; without it `define_ops` defines the same schemas
+  here. The PyTorch implementation is registered as the CompositeExplicitAutograd kernel, so it runs wherever no
+  compiled kernel is registered for the device (the CPU; any GPU when the extension is not built). (The
+  LayerNorm's ops exist with the extension only: elsewhere `layer_norm` is F.layer_norm, which needs no op.)
+* each op has a fake kernel, so torch.compile / torch.export see one opaque op with known output shapes (no graph
+  break, nothing traced inside), and AOTInductor can call the C++ registration;
+* a `torch.autograd.Function` calls the fwd op and, in its backward, the bwd op.
+
+Why not `torch.library.custom_op`: it gives the same compiled graphs, but its Python wrappers (argument
+normalisation, autograd and autocast layers written in Python) cost the host about twice as much per call:
+forward + backward of an op pair 56-65 us against 31-44 us, a forward without grad 13 us against 7-9 us
+(`python benchmarks/op_registration_cost.py`, 1-element CPU tensors, so host time alone; two runs on a 2-core
+x86 machine). A VMamba block calls several op pairs, and at small batch the host is the limit.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -17,7 +30,7 @@ from torch import Tensor
 from . import torch_scan
 
 try:
-    _C = importlib.import_module(f"{__package__}._C")  # the compiled CUDA extension
+    _C = importlib.import_module(f"{__package__}._C")  # the compiled extension (registers the CUDA kernels)
     _EXTENSION_ERROR = None
 except ImportError as error:  # built without CUDA, or not built at all
     _C = None
@@ -49,6 +62,21 @@ def dispatcher_ops_loaded(namespace: str) -> bool:
         return False
 
 
+_PYTHON_LIBRARIES = []  # the libraries defined here must stay alive
+
+
+def define_ops(namespace: str, schemas: Sequence[str]) -> bool:
+    """Defines ``namespace``'s ops from their schemas unless the extension already has (it defines them in C++
+    with their CUDA kernels). Returns True when the compiled kernels are there."""
+    if dispatcher_ops_loaded(namespace):
+        return True
+    library = torch.library.Library(namespace, "DEF")
+    for schema in schemas:
+        library.define(schema)
+    _PYTHON_LIBRARIES.append(library)
+    return False
+
+
 def build_info() -> str:
     """One line saying what this installation can run."""
     if _C is not None:
@@ -64,96 +92,97 @@ def scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: boo
     return flops
 
 
+# ----------------------------------------------------------------------------------------------- the ops
+
+_KERNELS = define_ops("selective_scan", [
+    "fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus, "
+    "bool out_float) -> (Tensor, Tensor, Tensor)",
+    "bwd(Tensor dy, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
+    "Tensor? delta_bias, Tensor checkpoints, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+    "Tensor, Tensor)",
+])
+
+
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the scan ops run a compiled kernel (not the PyTorch implementation) for tensors on `device`."""
+    return _KERNELS and device.type == "cuda"
+
+
 def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _empty() -> Tensor:
-    return torch.empty(0)
-
-
-# ----------------------------------------------------------------------------------------------- forward
-
-
-@torch.library.custom_op("selective_scan::scan_fwd", mutates_args=())
-def scan_fwd(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor],
-             delta_bias: Optional[Tensor], delta_softplus: bool, out_float: bool,
-             use_cuda_kernel: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Returns (y, last_state, checkpoints); checkpoints are the CUDA kernel's saved tile-start states
-    (empty for the torch path)."""
-    if use_cuda_kernel:
-        if u.numel() == 0:
-            y, last_state = torch_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
-            return y, last_state, u.new_zeros(_checkpoint_shape(u, A), dtype=torch.float32)
-        return tuple(_C.fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float))
+@torch.library.impl("selective_scan::fwd", "CompositeExplicitAutograd")
+def _fwd_torch(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float):
+    """(y, last_state, checkpoints); the PyTorch implementation saves no checkpoints (an empty tensor)."""
     y, last_state = torch_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
     return y, last_state, u.new_empty(0, dtype=torch.float32)
 
 
-def _checkpoint_shape(u, A):
-    batch, channels, length = u.shape
-    return (batch, channels, -(-length // CUDA_TILE), A.shape[1])
+@torch.library.impl("selective_scan::bwd", "CompositeExplicitAutograd")
+def _bwd_torch(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, delta_softplus):
+    """(du, ddelta, dA, dB, dC, dD, ddelta_bias); dD / ddelta_bias are empty when D / delta_bias are None."""
+    grads = torch_scan.scan_backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, dlast_state)
+    return tuple(u.new_empty(0) if g is None else g for g in grads)
 
 
-def _fake_checkpoints(u, A, use_cuda_kernel):
-    if use_cuda_kernel:
-        return u.new_empty(_checkpoint_shape(u, A), dtype=torch.float32)
-    return u.new_empty(0, dtype=torch.float32)
-
-
-@scan_fwd.register_fake
-def _scan_fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, use_cuda_kernel):
+@torch.library.register_fake("selective_scan::fwd")
+def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float):
     compute = _compute_dtype(u, delta, A, B, C)
     out_dtype = compute if out_float or u.dtype == torch.float64 else u.dtype
     batch, channels, length = u.shape
     y = u.new_empty((batch, channels, length), dtype=out_dtype)
     last_state = u.new_empty((batch, channels, A.shape[1]), dtype=compute)
-    return y, last_state, _fake_checkpoints(u, A, use_cuda_kernel)
+    if kernel_runs_on(u.device):
+        checkpoints = u.new_empty((batch, channels, -(-length // CUDA_TILE), A.shape[1]), dtype=torch.float32)
+    else:
+        checkpoints = u.new_empty(0, dtype=torch.float32)
+    return y, last_state, checkpoints
 
 
-# ---------------------------------------------------------------------------------------------- backward
-
-
-@torch.library.custom_op("selective_scan::scan_bwd", mutates_args=())
-def scan_bwd(dy: Tensor, dlast_state: Optional[Tensor], u: Tensor, delta: Tensor, A: Tensor, B: Tensor,
-             C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor], checkpoints: Tensor,
-             delta_softplus: bool, use_cuda_kernel: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor,
-                                                                  Tensor, Tensor]:
-    """Returns (du, ddelta, dA, dB, dC, dD, ddelta_bias); dD / ddelta_bias are empty when D / delta_bias
-    are None."""
-    if use_cuda_kernel and u.numel() > 0:
-        return tuple(_C.bwd(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, delta_softplus))
-    grads = torch_scan.scan_backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, dlast_state)
-    return tuple(_empty().to(u.device) if g is None else g for g in grads)
-
-
-@scan_bwd.register_fake
-def _scan_bwd_fake(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, delta_softplus,
-                   use_cuda_kernel):
+@torch.library.register_fake("selective_scan::bwd")
+def _bwd_fake(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, delta_softplus):
     return (torch.empty_like(u), torch.empty_like(delta), torch.empty_like(A), torch.empty_like(B),
             torch.empty_like(C), u.new_empty(0) if D is None else torch.empty_like(D),
             u.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias))
 
 
-def _setup_context(ctx, inputs, output):
-    u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, use_cuda_kernel = inputs
-    _, _, checkpoints = output
-    ctx.mark_non_differentiable(checkpoints)
-    ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
-    ctx.delta_softplus = delta_softplus
-    ctx.use_cuda_kernel = use_cuda_kernel
+class _SelectiveScan(torch.autograd.Function):
+    """The op pair with its autograd rule; `use_op` False runs the PyTorch implementation directly (backend
+    "torch" where the op would run a compiled kernel)."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, use_op):
+        fwd = torch.ops.selective_scan.fwd if use_op else _fwd_torch
+        y, last_state, checkpoints = fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
+        ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
+        ctx.delta_softplus = delta_softplus
+        ctx.use_op = use_op
+        ctx.set_materialize_grads(False)
+        return y, last_state
+
+    @staticmethod
+    def backward(ctx, dy, dlast_state):
+        u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(u, dtype=torch.float32)
+        bwd = torch.ops.selective_scan.bwd if ctx.use_op else _bwd_torch
+        du, ddelta, dA, dB, dC, dD, ddelta_bias = bwd(
+            dy.contiguous(), None if dlast_state is None else dlast_state.contiguous(), u, delta, A, B, C, D,
+            delta_bias, checkpoints, ctx.delta_softplus)
+        return (du, ddelta, dA, dB, dC, None if D is None else dD, None if delta_bias is None else ddelta_bias,
+                None, None, None)
 
 
-def _backward(ctx, dy, dlast_state, _dcheckpoints):
-    u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
-    du, ddelta, dA, dB, dC, dD, ddelta_bias = scan_bwd(
-        dy.contiguous(), None if dlast_state is None else dlast_state.contiguous(), u, delta, A, B, C, D,
-        delta_bias, checkpoints, ctx.delta_softplus, ctx.use_cuda_kernel)
-    return (du, ddelta, dA, dB, dC, None if D is None else dD, None if delta_bias is None else ddelta_bias,
-            None, None, None)
-
-
-scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
+         delta_softplus: bool, out_float: bool, use_op: bool = True):
+    """The scan without argument checks or casts, for callers whose tensors already have the op's dtypes and
+    layouts (`selective_scan_fn` below, SS2D's unfused core): returns (y, last_state)."""
+    if torch.jit.is_tracing():
+        # jit.trace (fvcore's FLOP count) records an autograd.Function as one opaque node: trace the op itself
+        y, last_state, _ = torch.ops.selective_scan.fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
+        return y, last_state
+    return _SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, use_op)
 
 
 # ------------------------------------------------------------------------------------- user-facing entry
@@ -171,11 +200,11 @@ def _check_tensor(name: str, t, ndim: int, device: torch.device):
 
 
 def _resolve_backend(backend: Optional[str], u: Tensor) -> bool:
-    """Returns use_cuda_kernel for the requested backend."""
+    """Returns use_op for the requested backend."""
     if backend is None:
-        return u.is_cuda and cuda_available()
+        return True
     if backend == "torch":
-        return False
+        return not kernel_runs_on(u.device)
     if backend == "cuda":
         if not cuda_available():
             raise RuntimeError(f"selective_scan: backend='cuda' requested but it is unavailable ({build_info()}"
@@ -187,7 +216,7 @@ def _resolve_backend(backend: Optional[str], u: Tensor) -> bool:
 
 
 def _validate(u, delta, A, B, C, D, delta_bias, backend) -> bool:
-    """Raises a clear error naming the bad argument; returns use_cuda_kernel."""
+    """Raises a clear error naming the bad argument; returns use_op."""
     _check_tensor("u", u, 3, u.device if isinstance(u, Tensor) else None)
     device = u.device
     batch, channels, length = u.shape
@@ -221,38 +250,39 @@ def _validate(u, delta, A, B, C, D, delta_bias, backend) -> bool:
         if delta_bias.shape[0] not in (channels, rows):
             raise ValueError(f"selective_scan: `delta_bias` must have {channels} (or {rows}) entries, "
                              f"got {tuple(delta_bias.shape)}")
-    use_cuda_kernel = _resolve_backend(backend, u)
-    if use_cuda_kernel:
+    use_op = _resolve_backend(backend, u)
+    if use_op and kernel_runs_on(device):
         if u.dtype == torch.float64:
-            raise TypeError("selective_scan: the CUDA kernel takes float32/float16/bfloat16 `u`, not float64")
+            raise TypeError("selective_scan: the CUDA kernel takes float32/float16/bfloat16 `u`, not float64 "
+                            "(use backend='torch')")
         if n_state > CUDA_MAX_D_STATE:
             raise ValueError(f"selective_scan: `A` has N = {n_state} states; the CUDA kernel supports at most "
                              f"{CUDA_MAX_D_STATE} (use backend='torch')")
-
-    return use_cuda_kernel
+    return use_op
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_float=True,
                       return_last_state=False, backend=None):
-    """Selective scan (S6), SPEC section 1.
+    """Selective scan (S6) as in Mamba (Gu and Dao, arXiv 2312.00752, Algorithm 2) with VMamba's shapes.
 
     u (batch, K*D, L); delta (batch, K*D, L) or (batch, Dd, L) with K*D % Dd == 0; A (K*D, N);
     B, C (batch, G, N, L) with K*D % G == 0; D (K*D,) or None; delta_bias (K*D,) or (Dd,) or None.
     delta, B and C are used in u's dtype; A, D, delta_bias in float32 (float64 when u is float64).
     Returns y (batch, K*D, L), float32 if out_float else u's dtype, or (y, last_state (batch, K*D, N)).
-    backend: None (CUDA kernel for CUDA tensors when built, else torch), "cuda" or "torch".
+    backend: None (the CUDA kernel for CUDA tensors when built, the PyTorch implementation otherwise), "cuda" or
+    "torch".
     """
     if torch.jit.is_tracing():
         # Under torch.jit.trace (fvcore's FLOP count) shapes are traced values: checking them would only
         # emit TracerWarnings, and the same call has been validated when run for real.
-        use_cuda_kernel = u.is_cuda and cuda_available() if backend is None else backend == "cuda"
+        use_op = True
     else:
-        use_cuda_kernel = _validate(u, delta, A, B, C, D, delta_bias, backend)
+        use_op = _validate(u, delta, A, B, C, D, delta_bias, backend)
     param_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
-    y, last_state, _ = torch.ops.selective_scan.scan_fwd(
+    y, last_state = scan(
         u.contiguous(), delta.to(u.dtype).contiguous(), A.to(param_dtype).contiguous(),
         B.to(u.dtype).contiguous(), C.to(u.dtype).contiguous(),
         None if D is None else D.to(param_dtype).contiguous(),
         None if delta_bias is None else delta_bias.to(param_dtype).contiguous(),
-        bool(delta_softplus), bool(out_float), use_cuda_kernel)
+        bool(delta_softplus), bool(out_float), use_op)
     return (y, last_state) if return_last_state else y

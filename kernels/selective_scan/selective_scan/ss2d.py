@@ -1,23 +1,24 @@
-"""SS2D core of VMamba's v2 blocks: cross-scan -> per-route x_proj / dt_proj -> selective scan -> cross-merge.
+"""SS2D's core: cross-scan -> per-route x_proj / dt_proj -> selective scan -> cross-merge, behind one dispatcher.
 
-Two implementations of one function, side by side:
+`ss2d_core(x, <SS2D's parameters>, routes=..., backend=...)` is the one entry point (the SS2D module calls it).
+Three implementations of the same function, side by side:
 
-* `ss2d_core_reference`: the unfused path, written with the existing pieces exactly as SS2D computes it
-  (materialised (B, 4, D, L) route copies, batched projections, `selective_scan_fn`, merge). It supports any
-  d_state and is what the fused path is tested against.
-* the fused path (`backend="fused"`): one GEMM x_dbl = x W_proj^T on the channels-last rows for all four
-  routes at once (a route permutation commutes with a position-wise linear map; SS2D's x_proj_weight is the
-  GEMM's weight as stored), then `scan_routes`: the CUDA dispatcher op `selective_scan_ss2d::fwd` (kernels in
-  csrc/ss2d_*.cu) walks every route through its index map, computes dt = softplus(W_dt x_dbl + bias) per
-  step and adds the four outputs into one fp32 map; its backward is `selective_scan_ss2d::bwd`. Off CUDA a
-  PyTorch implementation of the same contract runs. The ops have fake kernels, so torch.compile traces
-  through them.
+* **fused** (`backend="fused"`): one GEMM x_dbl = x W_proj^T on the channels-last rows for all four routes at once
+  (a route permutation commutes with a position-wise linear map; x_proj_weight is the GEMM's weight as stored),
+  then `scan_routes`: the dispatcher op `selective_scan_ss2d::fwd` walks every route through its index map,
+  computes dt = softplus(W_dt x_dbl + bias) per step and adds the four outputs into one fp32 map; its backward
+  is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu; elsewhere the reference below is the op's
+  kernel. Cross2d routes, d_state 1, dt rank up to MAX_RANK (every stage of the published v2 models).
+* **unfused** (`backend="unfused"`): `cross_scan` to (B, 4, D, L) route copies, batched per-route projections,
+  the selective scan (ops.py), `cross_merge`. Any d_state and route set; what fvcore traces for FLOP counts.
+* **reference** (`backend="reference"`): PyTorch, the routes gathered through `route_positions`, the fused ops'
+  contract for any d_state. It is the CPU kernel of the fused ops and, in float64, the oracle the CUDA kernels
+  are tested against.
 
-Dispatch rule of `ss2d_core(backend=None)`: the fused path for CUDA tensors when the extension is built,
-the routes are cross2d with K = 4, d_state N = 1, the dt rank R satisfies R + 2 <= 68 and x is
-fp32/fp16/bf16 (every stage of the published v2 models); the reference otherwise (d_state 16 of v0, CPU).
-`fused_unsupported_reason` says why a call is not fused. Nothing falls back silently at run time: a call
-the fused op cannot take is rejected before it starts.
+Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused ops run a compiled kernel for x's
+device (CUDA with the extension built) and take the call (`fused_unsupported_reason` is None); unfused
+otherwise, and always under jit tracing (fvcore's FLOP count keys on the unfused ops). Nothing falls back
+silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
 """
 
 from __future__ import annotations
@@ -29,23 +30,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import ops, torch_scan
-from .ops import selective_scan_fn
+from .cross_scan import ROUTE_SETS, cross_merge, cross_scan, route_positions
 
-__all__ = ["ss2d_core", "ss2d_core_reference", "fused_core", "fused_available", "fused_unsupported_reason",
-           "route_positions", "project", "scan_routes"]
+__all__ = ["ss2d_core", "select_core", "fused_unsupported_reason", "unfused_scan_inputs", "project", "scan_routes",
+           "scan_routes_reference", "BACKENDS", "MAX_RANK"]
 
 K = 4
 MAX_RANK = 66  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 68 floats (kWidestRow)
+BACKENDS = ("fused", "unfused", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
+_KERNELS = ops.define_ops("selective_scan_ss2d", [
+    "fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> (Tensor, Tensor)",
+    "bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds, "
+    "Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+])
 
-# fixed at import; a constant keeps the dispatch rule traceable by dynamo
-_CUDA_OPS = ops.dispatcher_ops_loaded("selective_scan_ss2d")
 
-
-def fused_available() -> bool:
-    """True when the fused CUDA kernels are built and a GPU is visible."""
-    return _CUDA_OPS and torch.cuda.is_available()
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the fused ops run a compiled kernel (not the reference) for tensors on `device`."""
+    return _KERNELS and device.type == "cuda"
 
 
 def checkpoint_chunk(rank: int) -> int:
@@ -55,18 +59,10 @@ def checkpoint_chunk(rank: int) -> int:
 
 
 def project(x_last: Tensor, x_proj_weight: Tensor) -> Tensor:
-    """x_dbl of the fused ops: x_last (B, H, W, D) -> (B, H, W, 4 * (R + 2)) in x's dtype, route k's row
-    [dt-rank values, B, C] (N = 1): one GEMM with x_proj_weight (4, R + 2, D) as stored."""
+    """x_dbl: x_last (B, H, W, D) -> (B, H, W, 4 * (R + 2N)) in x's dtype, route k's row [dt-rank values, B, C]:
+    one GEMM with x_proj_weight (4, R + 2N, D) as stored."""
     x_dbl = F.linear(x_last, x_proj_weight.reshape(-1, x_last.shape[-1]).to(x_last.dtype))
     return x_dbl.to(x_last.dtype)  # autocast may have run the GEMM in its own dtype
-
-
-def route_positions(height: int, width: int, device=None) -> Tensor:
-    """(4, L) int64: the raster position (h * W + w) each cross2d route visits at each step: row-major,
-    column-major, row-major reversed, column-major reversed (SPEC section 2)."""
-    raster = torch.arange(height * width, device=device).view(height, width)
-    row_major, col_major = raster.flatten(), raster.t().flatten()
-    return torch.stack([row_major, col_major, row_major.flip(0), col_major.flip(0)])
 
 
 def _merge_routes(ys: Tensor, positions: Tensor) -> Tensor:
@@ -79,124 +75,96 @@ def _merge_routes(ys: Tensor, positions: Tensor) -> Tensor:
 
 
 def _as_output(y_last: Tensor, channel_first: bool) -> Tensor:
-    """(B, H, W, D) fp32 storage -> the caller's layout (a view)."""
+    """(B, H, W, D) storage -> the caller's layout (a view)."""
     return y_last.permute(0, 3, 1, 2) if channel_first else y_last
 
 
-# ------------------------------------------------------------------------------------- unfused reference
+# ------------------------------------------------------------------------------------------- reference
 
 
-def ss2d_core_reference(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
-                        A_logs: Tensor, Ds: Tensor, channel_first: bool = True,
-                        scan_backend: Optional[str] = None) -> Tensor:
-    """The unfused SS2D core (any d_state). x (B, D, H, W) after the depthwise conv and activation; returns the
-    merged scan output in fp32, (B, D, H, W) viewing channels-last storage if channel_first else
-    (B, H, W, D). The projections run in x's dtype (as under autocast); the scan gets fp32 A, D and bias."""
-    batch, dim, height, width = x.shape
-    length = height * width
-    rank = dt_projs_weight.shape[2]
-    d_state = A_logs.shape[1]
-    positions = route_positions(height, width, x.device)
-    xs = x.flatten(2)[:, :, positions].transpose(1, 2).contiguous()  # (B, 4, D, L)
-    x_dbl = torch.matmul(x_proj_weight.to(xs.dtype).expand(batch, -1, -1, -1), xs)  # (B, 4, R+2N, L)
-    dts, Bs, Cs = torch.split(x_dbl, [rank, d_state, d_state], dim=2)
-    dts = torch.matmul(dt_projs_weight.to(xs.dtype).expand(batch, -1, -1, -1), dts)  # (B, 4, D, L)
-    ys = selective_scan_fn(xs.view(batch, K * dim, length), dts.reshape(batch, K * dim, length),
-                           -torch.exp(A_logs.float()), Bs, Cs, Ds.float(), dt_projs_bias.reshape(-1).float(),
-                           delta_softplus=True, out_float=True, backend=scan_backend)
-    y = _merge_routes(ys.view(batch, K, dim, length), positions)
-    return _as_output(y.view(batch, height, width, dim), channel_first)
-
-
-# --------------------------------------------------------------------------------------- the fused ops
-
-
-def _route_inputs(x: Tensor, x_dbl: Tensor, dt_weight: Tensor):
-    """The fused ops' inputs laid out as the unfused scan's, in fp32 (fp64 stays fp64): u, delta (B, 4D, L),
-    B, C (B, 4, 1, L) in route order, the dt-rank rows (B, L, 4, R) and the route positions."""
+def _route_inputs(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, d_state: int, routes: str):
+    """The routes' scan inputs in route order, fp32 (fp64 stays fp64): u, delta (B, 4D, L), B, C (B, 4, N, L),
+    plus the dt-rank rows (B, L, 4, R) and the route positions."""
     batch, height, width, dim = x.shape
     length = height * width
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     rank = dt_weight.shape[2]
-    positions = route_positions(height, width, x.device)
-    rows = x_dbl.to(dtype).reshape(batch, length, K, rank + 2)
+    positions = route_positions(height, width, routes, x.device)
+    rows = x_dbl.to(dtype).reshape(batch, length, K, rank + 2 * d_state)
     rank_rows = rows[..., :rank]
-    delta = torch.einsum("blkr,kdr->bkdl", rank_rows, dt_weight.to(dtype))  # natural order
+    delta = torch.einsum("blkr,kdr->bkdl", rank_rows, dt_weight.to(dtype))  # raster order
     u = x.reshape(batch, length, dim).transpose(1, 2).to(dtype)  # exact for 16-bit x; keeps delta unrounded
-    us = torch.stack([u[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
-    deltas = torch.stack([delta[:, k][:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
-    Bs = torch.stack([rows[:, positions[k], k, rank] for k in range(K)], 1).unsqueeze(2)
-    Cs = torch.stack([rows[:, positions[k], k, rank + 1] for k in range(K)], 1).unsqueeze(2)
+
+    def in_route_order(per_route):
+        return torch.stack([per_route(k)[..., positions[k]] for k in range(K)], 1)
+
+    us = in_route_order(lambda k: u).reshape(batch, K * dim, length)
+    deltas = in_route_order(lambda k: delta[:, k]).reshape(batch, K * dim, length)
+    Bs = in_route_order(lambda k: rows[:, :, k, rank:rank + d_state].transpose(1, 2))
+    Cs = in_route_order(lambda k: rows[:, :, k, rank + d_state:].transpose(1, 2))
     return us, deltas, Bs, Cs, rank_rows, positions
 
 
-def _fused_core_torch(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> Tensor:
-    """The fused ops' contract in PyTorch (their forward off CUDA, and a differentiable test oracle): x
-    (B, H, W, D), x_dbl (B, H, W, 4 * (R + 2)) with route k's row [dt-rank values, B, C]; SS2D's parameters as
-    stored (dt_weight (4, D, R), dt_bias (4, D), A_log (4D, 1), Ds (4D,)); returns y (B, H, W, D) in fp32
-    (fp64 for fp64 inputs)."""
+def scan_routes_reference(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor,
+                          routes: str = "cross2d") -> Tensor:
+    """The fused ops' contract in PyTorch for any d_state N, differentiable: x (B, H, W, D), x_dbl = project(x, W)
+    (B, H, W, 4 * (R + 2N)); SS2D's parameters as stored (dt_weight (4, D, R), dt_bias (4, D), A_log (4D, N),
+    Ds (4D,)); returns the merged y (B, H, W, D) in fp32 (fp64 for fp64 inputs)."""
     batch, height, width, dim = x.shape
-    us, deltas, Bs, Cs, _, positions = _route_inputs(x, x_dbl, dt_weight)
+    d_state = A_log.shape[1]
+    us, deltas, Bs, Cs, _, positions = _route_inputs(x, x_dbl, dt_weight, d_state, routes)
     A = -torch.exp(A_log.to(us.dtype))
-    ys = selective_scan_fn(us, deltas, A.reshape(K * dim, 1), Bs, Cs, Ds.reshape(-1).to(us.dtype),
-                           dt_bias.reshape(-1).to(us.dtype), delta_softplus=True, out_float=True, backend="torch")
+    ys = ops.selective_scan_fn(us, deltas, A, Bs, Cs, Ds.reshape(-1).to(us.dtype), dt_bias.reshape(-1).to(us.dtype),
+                               delta_softplus=True, out_float=True, backend="torch")
     return _merge_routes(ys.view(batch, K, dim, -1), positions).view(batch, height, width, dim)
 
 
-def _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
-    """Gradients of _fused_core_torch (the backward op's CPU kernel, where an op body cannot re-enter autograd)."""
+def _scan_routes_reference_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, routes="cross2d"):
+    """Gradients of scan_routes_reference written out (the backward op's kernel, which cannot re-enter autograd)."""
     batch, height, width, dim = x.shape
     length = height * width
-    us, deltas, Bs, Cs, rank_rows, positions = _route_inputs(x, x_dbl, dt_weight)
+    d_state = A_log.shape[1]
+    us, deltas, Bs, Cs, rank_rows, positions = _route_inputs(x, x_dbl, dt_weight, d_state, routes)
     dtype = us.dtype
     rank = rank_rows.shape[-1]
     A = -torch.exp(A_log.to(dtype))
     dy_t = dy.to(dtype).reshape(batch, length, dim).transpose(1, 2)
     dys = torch.stack([dy_t[:, :, positions[k]] for k in range(K)], 1).reshape(batch, K * dim, length)
     du, ddelta, dA, dB, dC, dD, dbias = torch_scan.scan_backward(
-        dys, us, deltas, A.reshape(K * dim, 1), Bs, Cs, Ds.reshape(-1).to(dtype),
-        dt_bias.reshape(-1).to(dtype), True)
+        dys, us, deltas, A, Bs, Cs, Ds.reshape(-1).to(dtype), dt_bias.reshape(-1).to(dtype), True)
     dx = _merge_routes(du.view(batch, K, dim, length), positions)
     ddelta = ddelta.view(batch, K, dim, length)
-    ddelta_natural = torch.empty_like(ddelta)
-    d_rows = x_dbl.new_zeros((batch, length, K, rank + 2), dtype=dtype)
+    ddelta_raster = torch.empty_like(ddelta)
+    d_rows = x_dbl.new_zeros((batch, length, K, rank + 2 * d_state), dtype=dtype)
     for k in range(K):
-        ddelta_natural[:, k, :, positions[k]] = ddelta[:, k]
-        d_rows[:, positions[k], k, rank] = dB[:, k, 0]
-        d_rows[:, positions[k], k, rank + 1] = dC[:, k, 0]
-    d_rows[..., :rank] = torch.einsum("bkdl,kdr->blkr", ddelta_natural, dt_weight.to(dtype))
-    ddt_weight = torch.einsum("bkdl,blkr->kdr", ddelta_natural, rank_rows)
+        ddelta_raster[:, k, :, positions[k]] = ddelta[:, k]
+        d_rows[:, positions[k], k, rank:rank + d_state] = dB[:, k].transpose(1, 2)
+        d_rows[:, positions[k], k, rank + d_state:] = dC[:, k].transpose(1, 2)
+    d_rows[..., :rank] = torch.einsum("bkdl,kdr->blkr", ddelta_raster, dt_weight.to(dtype))
+    ddt_weight = torch.einsum("bkdl,blkr->kdr", ddelta_raster, rank_rows)
     return (dx.to(x.dtype).view(x.shape), d_rows.view(x_dbl.shape).to(x_dbl.dtype), ddt_weight.to(dt_weight.dtype),
-            dbias.view(dt_bias.shape).to(dt_bias.dtype), (dA * A.reshape(K * dim, 1)).to(A_log.dtype),
-            dD.view(Ds.shape).to(Ds.dtype))
+            dbias.view(dt_bias.shape).to(dt_bias.dtype), (dA * A).to(A_log.dtype), dD.view(Ds.shape).to(Ds.dtype))
 
 
-# The ops selective_scan_ss2d::fwd / ::bwd: the CUDA extension defines them with their CUDA kernels; without it
-# they are defined here, with the schemas of csrc/ss2d_bindings.cpp. Either way the PyTorch implementation is
-# their kernel for CPU tensors, and the fake kernels let torch.compile trace them.
-if not _CUDA_OPS:
-    _LIBRARY = torch.library.Library("selective_scan_ss2d", "DEF")
-    _LIBRARY.define("fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> "
-                    "(Tensor, Tensor)")
-    _LIBRARY.define("bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, "
-                    "Tensor Ds, Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+# --------------------------------------------------------------------------------------- the fused ops
 
 
-@torch.library.impl("selective_scan_ss2d::fwd", "CPU")
-def _fwd_cpu(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
-    return _fused_core_torch(x, x_dbl, dt_weight, dt_bias, A_log, Ds), x.new_empty(0, dtype=torch.float32)
+@torch.library.impl("selective_scan_ss2d::fwd", "CompositeExplicitAutograd")
+def _fwd_reference(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
+    with torch.no_grad():
+        return scan_routes_reference(x, x_dbl, dt_weight, dt_bias, A_log, Ds), x.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.impl("selective_scan_ss2d::bwd", "CPU")
-def _bwd_cpu(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
-    return _fused_core_torch_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+@torch.library.impl("selective_scan_ss2d::bwd", "CompositeExplicitAutograd")
+def _bwd_reference(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
+    return _scan_routes_reference_backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds)
 
 
 @torch.library.register_fake("selective_scan_ss2d::fwd")
 def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     batch, height, width, dim = x.shape
     y = x.new_empty(x.shape, dtype=torch.float32)
-    if x.device.type != "cuda":
+    if not kernel_runs_on(x.device):
         return y, x.new_empty(0, dtype=torch.float32)
     chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2]))
     return y, x.new_empty((batch, K, chunks, dim), dtype=torch.float32)
@@ -209,9 +177,8 @@ def _bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
 
 
 class _ScanRoutes(torch.autograd.Function):
-    # An autograd.Function around the dispatcher ops rather than a torch.library custom op: in eager mode a
-    # custom op's Python wrappers cost the host about 0.2 ms per forward + backward, and the model is
-    # host-bound in training on slower hosts. torch.compile traces through it (the ops have fake kernels).
+    """The fused op pair with its autograd rule (ops.py says why an autograd.Function)."""
+
     @staticmethod
     def forward(ctx, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
         y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
@@ -230,11 +197,60 @@ def scan_routes(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_
     return _ScanRoutes.apply(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
 
 
-# ----------------------------------------------------------------------------------- user-facing entry
+def _fp32(t: Tensor) -> Tensor:
+    return t if t.dtype == torch.float32 else t.float()
 
 
-def _check_shapes(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
-    """Raises a clear error naming the bad argument; returns (rank, d_state)."""
+def _fused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first):
+    x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels-last storage
+    y = scan_routes(x_last, project(x_last, x_proj_weight), _fp32(dt_projs_weight).contiguous(),
+                    _fp32(dt_projs_bias).contiguous(), _fp32(A_logs).contiguous(), _fp32(Ds).contiguous())
+    return _as_output(y, channel_first)
+
+
+# -------------------------------------------------------------------------------------------- unfused
+
+
+def unfused_scan_inputs(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor,
+                        A_logs: Tensor, Ds: Tensor, routes: str = "cross2d", fp32_scan_inputs: bool = False) -> dict:
+    """The unfused core's selective-scan arguments (u, delta, A, B, C, D, delta_bias, delta_softplus) for x
+    (B, D, H, W): the four routes as (B, 4D, L) copies, their projections as batched GEMMs over (B * 4)."""
+    batch, dim, height, width = x.shape
+    d_state, rank = A_logs.shape[1], dt_projs_weight.shape[2]
+    xs = cross_scan(x, channel_first=True, routes=routes)  # (B, 4, D, L)
+    # the expand makes fvcore count the batch dimension; xs is read in place (an einsum would permute a copy)
+    x_dbl = torch.matmul(x_proj_weight.to(xs.dtype).expand(batch, -1, -1, -1), xs)  # (B, 4, R + 2N, L)
+    dts, Bs, Cs = torch.split(x_dbl, [rank, d_state, d_state], dim=2)
+    dts = torch.matmul(dt_projs_weight.to(xs.dtype).expand(batch, -1, -1, -1), dts)  # (B, 4, D, L)
+    xs, dts = xs.view(batch, K * dim, height * width), dts.reshape(batch, K * dim, height * width)
+    if fp32_scan_inputs:
+        xs = xs.float()
+    # the scan op takes delta, B and C in u's dtype (autocast may have run the GEMMs in another)
+    return dict(u=xs, delta=dts.to(xs.dtype), A=-torch.exp(A_logs.float()), B=Bs.to(xs.dtype).contiguous(),
+                C=Cs.to(xs.dtype).contiguous(), D=_fp32(Ds), delta_bias=_fp32(dt_projs_bias).reshape(-1),
+                delta_softplus=True)
+
+
+def _unfused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes, channel_first,
+                  fp32_scan_inputs):
+    batch, dim, height, width = x.shape
+    ys, _ = ops.scan(**unfused_scan_inputs(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes,
+                                           fp32_scan_inputs), out_float=True)
+    return cross_merge(ys.view(batch, K, dim, height, width), channel_first=channel_first, routes=routes)
+
+
+def _reference_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes, channel_first):
+    x_last = x.permute(0, 2, 3, 1).contiguous()
+    y = scan_routes_reference(x_last, project(x_last, x_proj_weight), dt_projs_weight, dt_projs_bias, A_logs, Ds,
+                              routes)
+    return _as_output(y, channel_first)
+
+
+# ----------------------------------------------------------------------------------- the dispatcher
+
+
+def _check_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes, backend):
+    """Raises a clear error naming the bad argument."""
     for name, t in (("x", x), ("x_proj_weight", x_proj_weight), ("dt_projs_weight", dt_projs_weight),
                     ("dt_projs_bias", dt_projs_bias), ("A_logs", A_logs), ("Ds", Ds)):
         if not isinstance(t, Tensor):
@@ -257,51 +273,63 @@ def _check_shapes(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds):
         raise ValueError(f"ss2d_core: `dt_projs_bias` must be (4, D={dim}), got {tuple(dt_projs_bias.shape)}")
     if Ds.shape != (K * dim,):
         raise ValueError(f"ss2d_core: `Ds` must be (4*D={K * dim},), got {tuple(Ds.shape)}")
-    return rank, d_state
+    if routes not in ROUTE_SETS:
+        raise ValueError(f"ss2d_core: unknown route set {routes!r}; valid: {sorted(ROUTE_SETS)}")
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"ss2d_core: `backend` must be None or one of {BACKENDS}, got {backend!r}")
 
 
-def fused_unsupported_reason(x: Tensor, rank: int, d_state: int) -> Optional[str]:
-    """None when the fused path takes this call, else why not (the dispatch rule of the module docstring)."""
+def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x: Optional[Tensor] = None
+                             ) -> Optional[str]:
+    """None when the fused ops take a call with these parameters (and, if given, this input), else why not."""
+    if routes != "cross2d":
+        return f"the fused kernels walk the cross2d routes, not {routes!r}"
     if d_state != 1:
         return f"d_state is {d_state}; the fused kernel supports d_state 1"
     if rank > MAX_RANK:
         return f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused kernel holds at most {MAX_RANK + 2}"
+    if x is None:
+        return None
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of {_DTYPES}"
-    if x.is_cuda and not _CUDA_OPS:
+    if x.is_cuda and not _KERNELS:
         return f"the fused CUDA kernels are not built ({ops.build_info()})"
     return None
 
 
+def select_core(x: Tensor, rank: int, d_state: int, routes: str = "cross2d", backend: Optional[str] = None) -> str:
+    """The implementation ss2d_core runs for this call: "fused", "unfused" or "reference" (the dispatch rule in the
+    module docstring for backend None; `backend` itself otherwise, if it can take the call)."""
+    if backend is None:
+        if torch.jit.is_tracing() or not kernel_runs_on(x.device):
+            return "unfused"
+        return "unfused" if fused_unsupported_reason(rank, d_state, routes, x) else "fused"
+    if backend == "fused":
+        reason = fused_unsupported_reason(rank, d_state, routes, x)
+        if reason is not None:
+            raise RuntimeError(f"ss2d_core: backend='fused' requested but {reason}")
+    return backend
+
+
 def ss2d_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
-              Ds: Tensor, channel_first: bool = True, backend: Optional[str] = None) -> Tensor:
-    """SS2D core with cross2d routes: x (B, D, H, W) after the depthwise conv and activation (channels-last
-    storage avoids a copy); parameters as SS2D stores them (x_proj_weight (4, R+2N, D), dt_projs_weight
-    (4, D, R), dt_projs_bias (4, D), A_logs (4D, N), Ds (4D,)). Returns the merged scan output in fp32:
-    (B, D, H, W) viewing channels-last storage if channel_first, else (B, H, W, D).
+              Ds: Tensor, routes: str = "cross2d", channel_first: bool = True, fp32_scan_inputs: bool = False,
+              backend: Optional[str] = None, check: bool = True) -> Tensor:
+    """SS2D's core for x (B, D, H, W) after the depthwise conv and activation (channels-last storage avoids a copy)
+    and SS2D's parameters as stored (x_proj_weight (4, R+2N, D), dt_projs_weight (4, D, R), dt_projs_bias (4, D),
+    A_logs (4D, N), Ds (4D,)). Returns the merged scan output in fp32: (B, D, H, W) viewing channels-last storage
+    if channel_first, else (B, H, W, D).
 
-    backend: None (the dispatch rule in the module docstring), "fused" (raises if unsupported; off CUDA it runs
-    the ops' PyTorch implementation), or "reference"."""
-    rank, d_state = _check_shapes(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds)
-    if backend not in (None, "fused", "reference"):
-        raise ValueError(f"ss2d_core: `backend` must be None, 'fused' or 'reference', got {backend!r}")
-    reason = fused_unsupported_reason(x, rank, d_state)
-    if backend == "fused" and reason is not None:
-        raise RuntimeError(f"ss2d_core: backend='fused' requested but {reason}")
-    if backend == "reference" or (backend is None and (reason is not None or not x.is_cuda)):
-        return ss2d_core_reference(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
-    return fused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
-
-
-def _fp32(t: Tensor) -> Tensor:
-    return t if t.dtype == torch.float32 else t.float()
-
-
-def fused_core(x: Tensor, x_proj_weight: Tensor, dt_projs_weight: Tensor, dt_projs_bias: Tensor, A_logs: Tensor,
-               Ds: Tensor, channel_first: bool = True) -> Tensor:
-    """The fused path of ss2d_core without its argument checks, for callers that have checked the call with
-    fused_unsupported_reason and whose parameters have SS2D's shapes (the SS2D module)."""
-    x_last = x.permute(0, 2, 3, 1).contiguous()  # no copy for channels-last storage
-    y = scan_routes(x_last, project(x_last, x_proj_weight), _fp32(dt_projs_weight).contiguous(),
-                    _fp32(dt_projs_bias).contiguous(), _fp32(A_logs).contiguous(), _fp32(Ds).contiguous())
-    return _as_output(y, channel_first)
+    routes: a cross_scan.ROUTE_SETS name. fp32_scan_inputs: the unfused path casts the scan's inputs to fp32
+    (VMamba's v0 / v2 / v3 forward types) instead of keeping x's dtype; the fused path computes in fp32 anyway.
+    backend: None (the dispatch rule in the module docstring), "fused" (raises if unsupported), "unfused" or
+    "reference". check=False skips the argument checks (the SS2D module, whose parameters have these shapes by
+    construction)."""
+    if check:
+        _check_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes, backend)
+    core = select_core(x, dt_projs_weight.shape[2], A_logs.shape[1], routes, backend)
+    if core == "fused":
+        return _fused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, channel_first)
+    if core == "unfused":
+        return _unfused_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes, channel_first,
+                             fp32_scan_inputs)
+    return _reference_core(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, routes, channel_first)

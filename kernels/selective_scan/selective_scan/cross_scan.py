@@ -1,11 +1,13 @@
-"""Cross-scan and cross-merge: SS2D's mapping between a 2-D feature map and K = 4 1-D sequences.
+"""Cross-scan and cross-merge: SS2D's mapping between a 2-D feature map and K = 4 1-D sequences, and the
+route definitions every SS2D implementation in this package uses.
 
 ``cross_scan`` turns a map (B, C, H, W) -- or (B, H, W, C) with ``channel_first=False`` -- into
 ``xs`` (B, 4, C, L), L = H * W, where route k visits the positions in its own order. ``cross_merge``
 is its adjoint: it takes ys (B, 4, C, H, W) (or (B, 4, C, L) plus ``hw``), puts every route's
 values back where they came from and sums the four. Hence the backward of one is the other.
+``route_positions`` gives the same orders as index maps (the fused SS2D core walks the map through them).
 
-Route sets (a route is "transposed" = column-major, and/or "reversed"):
+Route sets (a route is "transposed" = column-major, and/or "reversed"), as the authors' cross-scan defines them:
   cross2d: row-major, column-major, row-major reversed, column-major reversed (VMamba)
   unidi:   row-major x 4
   bidi:    row-major, row-major, reversed, reversed
@@ -17,6 +19,8 @@ Memory layout: the merged output is always stored channels-last (physically (B, 
 ``channel_first=True`` the (B, C, H, W) view of that storage is returned. The out-norm and
 projection that follow it in SS2D then run on contiguous rows without a transpose copy.
 """
+import functools
+
 import torch
 
 try:
@@ -25,7 +29,7 @@ try:
 except ImportError:  # CPU-only installs
     triton = None
 
-__all__ = ["ROUTE_SETS", "cross_scan", "cross_merge", "CrossScan", "CrossMerge"]
+__all__ = ["ROUTE_SETS", "route_positions", "cross_scan", "cross_merge", "CrossScan", "CrossMerge"]
 
 # (transposed, reversed) per route
 ROUTE_SETS = {
@@ -40,6 +44,18 @@ def _check_routes(routes):
     if routes not in ROUTE_SETS:
         raise ValueError(f"unknown route set {routes!r}; valid: {sorted(ROUTE_SETS)}")
     return ROUTE_SETS[routes]
+
+
+@functools.lru_cache(maxsize=64)
+def route_positions(height: int, width: int, routes: str = "cross2d", device=None) -> torch.Tensor:
+    """(4, L) int64: the raster position (h * W + w) route k visits at its step t, i.e. xs[:, k, :, t] =
+    x.flatten(2)[:, :, positions[k, t]]. Cached per map size and device (read-only: do not modify)."""
+    raster = torch.arange(height * width, device=device).view(height, width)
+    orders = []
+    for transposed, reversed_ in _check_routes(routes):
+        order = (raster.t() if transposed else raster).flatten()
+        orders.append(order.flip(0) if reversed_ else order)
+    return torch.stack(orders)
 
 
 def _pick_backend(backend, tensor):
