@@ -27,7 +27,7 @@ def measure(model_name, size, num_classes=1000):
 
 
 def measure_config(config, size=None):
-    from detection.flops import default_shape, model_flops
+    from vmamba_mm.flops import default_shape, model_flops
     if size is None:
         shape = default_shape(config)
     else:

@@ -1,7 +1,7 @@
 """``MM_VSSM``: the VMamba backbone as an OpenMMLab model (one class for mmdet and mmseg).
 
 The class depends on mmengine conventions only (``init_weights``), not on mmdet or mmseg;
-``detection.models`` and ``segmentation.models`` register it into their library's ``MODELS``.
+``detection.models`` and ``segmentation.models`` each register it into their library's ``MODELS``.
 It *is* a ``classification.models.Backbone_VSSM``, so detector/segmentor checkpoints keep the
 official ``backbone.<Backbone_VSSM key>`` layout and the authors' release files load unchanged.
 

@@ -10,7 +10,7 @@ One scene generator feeds two writers:
   ``reduce_zero_label``), the background is 1 (ADE class 0) and shape ``k`` is ``k + 2``.
 
 Each shape class has its own colour family, so a detector learns it within a few hundred
-iterations. Usage: ``python -m detection.synthetic OUT [--size 512] [--num-train 200] [--num-val 20]``.
+iterations. Usage: ``python -m vmamba_mm.synthetic OUT [--size 512] [--num-train 200] [--num-val 20]``.
 """
 import argparse
 import json

@@ -1,9 +1,5 @@
 #!/usr/bin/env bash
-# bash tools/dist_train.sh CONFIG GPUS [train.py args]; multi-node through NNODES, NODE_RANK,
-# MASTER_ADDR and PORT.
-set -euo pipefail
-if [ $# -lt 2 ]; then echo "usage: $0 CONFIG GPUS [args...]" >&2; exit 2; fi
-CONFIG=$1
-GPUS=$2
-shift 2
-exec bash "$(dirname "${BASH_SOURCE[0]}")/dist_run.sh" train.py "$GPUS" "$CONFIG" "$@"
+# bash tools/dist_train.sh CONFIG GPUS [train.py args]: this folder's train.py on GPUS processes per
+# node; multi-node through NNODES, NODE_RANK, MASTER_ADDR and PORT (see vmamba_mm/tools/dist_run.sh).
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+exec bash "$HERE/../../vmamba_mm/tools/dist_run.sh" "$HERE" train "$@"

@@ -1,4 +1,6 @@
 #!/usr/bin/env bash
-# Same launcher as detection/tools/dist_test.sh, running segmentation/tools/test.py.
+# bash tools/dist_test.sh CONFIG CHECKPOINT GPUS [test.py args, e.g. --tta]: this folder's test.py on
+# GPUS processes per node; multi-node through NNODES, NODE_RANK, MASTER_ADDR and PORT (see
+# vmamba_mm/tools/dist_run.sh).
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-TOOLS_DIR=$HERE exec bash "$HERE/../../detection/tools/dist_test.sh" "$@"
+exec bash "$HERE/../../vmamba_mm/tools/dist_run.sh" "$HERE" test "$@"

@@ -23,7 +23,7 @@ NO_WORKERS = [f'{split}_dataloader.{key}' for split in ('train', 'val', 'test')
 
 @pytest.fixture(scope='module')
 def demo_data(tmp_path_factory):
-    from detection.synthetic import write_coco
+    from vmamba_mm.synthetic import write_coco
     root = tmp_path_factory.mktemp('demo')
     write_coco(str(root / 'coco'), num_train=4, num_val=3, size=64)
     return root
@@ -35,15 +35,6 @@ def load_demo_config(data, monkeypatch):
     return Config.fromfile(str(DEMO))
 
 
-def test_unknown_kwarg_and_missing_pretrained_are_errors(tmp_path):
-    from detection.mm_vssm import MM_VSSM
-    with pytest.raises(TypeError, match='embed_dims'):
-        MM_VSSM(dims=16, depths=(1, 1, 1, 1), embed_dims=96)
-    backbone = MM_VSSM(dims=16, depths=(1, 1, 1, 1), pretrained=str(tmp_path / 'absent.pth'))
-    with pytest.raises(FileNotFoundError):
-        backbone.init_weights()
-
-
 def test_swin_kwargs_left_in_a_config_are_rejected(monkeypatch, demo_data):
     """Without `_delete_` the inherited Swin arguments would reach MM_VSSM: an error, not ignored."""
     from mmdet.registry import MODELS
@@ -52,30 +43,6 @@ def test_swin_kwargs_left_in_a_config_are_rejected(monkeypatch, demo_data):
     init_default_scope('mmdet')
     with pytest.raises(TypeError, match='num_heads'):
         MODELS.build(dict(cfg.model.backbone, num_heads=[3, 6, 12, 24]))
-
-
-def test_authors_classification_checkpoint_loads_into_mm_vssm(tmp_path):
-    """An authors'-layout file ({'model': VSSM state_dict, ...}): only the classifier is left over
-    and only the outnorms are missing; every other weight arrives."""
-    from classification.models import VSSM
-    from detection.mm_vssm import MM_VSSM
-    kwargs = dict(dims=16, depths=(1, 1, 2, 1), ssm_d_state=1, ssm_ratio=1.0, forward_type='v05_noz',
-                  mlp_ratio=4.0, downsample_version='v3', patchembed_version='v2', norm_layer='ln2d')
-    classifier = VSSM(num_classes=10, **kwargs)
-    path = tmp_path / 'ckpt_epoch_0.pth'
-    torch.save({'model': classifier.state_dict(), 'epoch': 0, 'max_accuracy': 0.0}, path)
-
-    backbone = MM_VSSM(pretrained=str(path), **kwargs)
-    backbone.init_weights()
-    report = backbone.load_report
-    assert report['missing'] == [] and report['unexpected'] == []
-    assert report['ignored'] and all(k.startswith('classifier.') for k in report['ignored'])
-    assert sorted(report['expected_missing']) == sorted(
-        f'outnorm{i}.{p}' for i in range(4) for p in ('weight', 'bias'))
-    source = classifier.state_dict()
-    for key, value in backbone.state_dict().items():
-        if not key.startswith('outnorm'):
-            torch.testing.assert_close(value, source[key], msg=key)
 
 
 def test_mask_rcnn_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
@@ -154,7 +121,7 @@ def test_backbone_features_read_correctly_by_mmcv_roi_align(norm_layer):
     # mmcv's RoIAlign indexes its input as NCHW memory whatever its strides; a channels-last output
     # made every RoI feature garbage (training loss fell, box AP stayed at zero)
     from mmcv.ops import RoIAlign
-    from detection.mm_vssm import MM_VSSM
+    from vmamba_mm.backbone import MM_VSSM
     torch.manual_seed(0)
     backbone = MM_VSSM(dims=16, depths=(1, 1, 1, 1), norm_layer=norm_layer).eval()
     with torch.no_grad():

@@ -1,11 +1,9 @@
-"""UperNet with the VMamba backbone (segmentation/): training, inference, test tool, --tta.
+"""UperNet with the VMamba backbone (segmentation/): training, inference, test tool, --tta, FLOPs.
 
 CPU only: tiny generated ADE20K-layout images (batch 2: PPM's BatchNorm needs more than one
 value per channel in train mode); the real VMamba-T where the test is about VMamba-T, a tiny
 backbone and head where it is about the tools.
 """
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,19 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / 'segmentation/configs/demo/upernet_vssm_synthetic_tiny.py'
-TINY_MODEL = [
-    'model.backbone.dims=16', 'model.backbone.depths=[1,1,1,1]',
-    'model.decode_head.in_channels=[16,32,64,128]', 'model.decode_head.channels=32',
-    'model.auxiliary_head.in_channels=64', 'model.auxiliary_head.channels=16',
-]
+TINY_MODEL = {
+    'model.backbone.dims': 16, 'model.backbone.depths': [1, 1, 1, 1],
+    'model.decode_head.in_channels': [16, 32, 64, 128], 'model.decode_head.channels': 32,
+    'model.auxiliary_head.in_channels': 64, 'model.auxiliary_head.channels': 16,
+}
+TINY_MODEL_ARGS = [f'{key}={value}'.replace(' ', '') for key, value in TINY_MODEL.items()]
 NO_WORKERS = [f'{split}_dataloader.{key}' for split in ('train', 'val', 'test')
               for key in ('num_workers=0', 'persistent_workers=False')]
 
 
 @pytest.fixture(scope='module')
 def demo_data(tmp_path_factory):
-    from detection.synthetic import write_ade
+    from vmamba_mm.synthetic import write_ade
     root = tmp_path_factory.mktemp('demo')
     write_ade(str(root / 'ade'), num_train=4, num_val=2, size=64)
     return root
@@ -67,13 +66,13 @@ def test_train_test_and_tta_tools(tmp_path, demo_data, mm_tool):
     evaluates it with IoUMetric, single-scale and with --tta (6 scales x flip). The tools run in a
     foreign cwd: the configs' custom_imports find MM_VSSM in the installed package."""
     work = tmp_path / 'work'
-    mm_tool('segmentation', 'train.py', DEMO, '--work-dir', work, '--cfg-options', *TINY_MODEL, *NO_WORKERS,
+    mm_tool('segmentation', 'train.py', DEMO, '--work-dir', work, '--cfg-options', *TINY_MODEL_ARGS, *NO_WORKERS,
              'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
              'default_hooks.checkpoint.interval=2', cwd=tmp_path, data=demo_data)
     ckpt = work / 'iter_2.pth'
     assert ckpt.is_file()
 
-    test_args = [DEMO, ckpt, '--work-dir', work, '--cfg-options', *TINY_MODEL, *NO_WORKERS]
+    test_args = [DEMO, ckpt, '--work-dir', work, '--cfg-options', *TINY_MODEL_ARGS, *NO_WORKERS]
     log = mm_tool('segmentation', 'test.py', *test_args, cwd=tmp_path, data=demo_data)
     assert 'mIoU:' in log
     log = mm_tool('segmentation', 'test.py', *test_args[:2], '--tta', *test_args[2:], cwd=tmp_path, data=demo_data)
@@ -83,16 +82,18 @@ def test_train_test_and_tta_tools(tmp_path, demo_data, mm_tool):
     assert used.model.type == 'SegTTAModel' and used.model.module.backbone.type == 'MM_VSSM'
 
 
-@pytest.mark.parametrize('task', ['detection', 'segmentation'])
-def test_dist_scripts_launch_their_own_tools(task, tmp_path):
-    """dist_train.sh / dist_test.sh build the legacy-launcher command for this folder's tools."""
-    env = dict(os.environ, PYTHON='echo', NNODES='2', NODE_RANK='1', MASTER_ADDR='10.0.0.1', PORT='29999')
-    train = subprocess.run(['bash', str(REPO / task / 'tools/dist_train.sh'), 'cfg.py', '4', '--amp'],
-                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert train[:2] == ['-m', 'torch.distributed.launch']
-    assert {'--nnodes=2', '--node_rank=1', '--master_addr=10.0.0.1', '--nproc_per_node=4',
-            '--master_port=29999'} <= set(train)
-    assert train[-5:] == [str(REPO / task / 'tools/train.py'), 'cfg.py', '--amp', '--launcher', 'pytorch']
-    test = subprocess.run(['bash', str(REPO / task / 'tools/dist_test.sh'), 'cfg.py', 'ckpt.pth', '1', '--tta'],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
-    assert test[-6:] == [str(REPO / task / 'tools/test.py'), 'cfg.py', 'ckpt.pth', '--tta', '--launcher', 'pytorch']
+def test_flops_count_the_decode_head_too(monkeypatch, demo_data):
+    """vmamba_mm.flops on a segmentation config (tiny backbone and head): the whole segmentor's
+    test-mode forward, i.e. more than its backbone alone, and every parameter of the model."""
+    from mmengine.config import Config
+    from classification.models.flops import count_flops
+    from vmamba_mm.backbone import MM_VSSM
+    from vmamba_mm.flops import build_from_config, model_flops
+    monkeypatch.setenv('VMAMBA_DEMO_DATA', str(demo_data))
+    cfg = Config.fromfile(str(DEMO))
+    cfg.merge_from_dict(TINY_MODEL)
+    flops, params = model_flops(cfg, (3, 64, 64))
+    model, scope = build_from_config(cfg)
+    assert scope == 'mmseg' and isinstance(model.backbone, MM_VSSM)
+    assert params == sum(p.numel() for p in model.parameters())
+    assert flops > count_flops(model.backbone.eval(), torch.randn(1, 3, 64, 64)) > 0

@@ -1,5 +1,7 @@
-# Backbone arguments of the published VMamba models (SPEC 3.2), shared by the detection and the
-# segmentation configs; each config picks one with `backbone={{_base_.vmamba_<size>}}`.
+# Backbone arguments of the published VMamba models, as the authors' detection/configs/vssm1 and
+# segmentation/configs/vssm1 files give them (and their classification yaml files named below);
+# every detection and segmentation config inherits this file by relative path and picks one with
+# `backbone={{_base_.vmamba_<size>}}`.
 # `_delete_` drops the inherited Swin arguments (MM_VSSM rejects unknown keywords).
 # `pretrained` is the authors' released classification checkpoint, looked up in $CKPT_DIR.
 ckpt_dir = '{{$CKPT_DIR:ckpts}}'

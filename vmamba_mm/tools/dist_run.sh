@@ -1,16 +1,31 @@
 #!/usr/bin/env bash
-# bash dist_run.sh TOOL GPUS [TOOL args]: run TOOL (train.py or test.py, found in TOOLS_DIR, default
-# this folder) on GPUS processes per node with `--launcher pytorch`, through the legacy launcher as
-# OpenMMLab's scripts do; multi-node through NNODES, NODE_RANK, MASTER_ADDR and PORT.
+# The common part of every dist_train.sh / dist_test.sh:
+#   bash dist_run.sh TOOLS_DIR train CONFIG GPUS [train.py args]
+#   bash dist_run.sh TOOLS_DIR test CONFIG CHECKPOINT GPUS [test.py args]
+# runs TOOLS_DIR/{train,test}.py on GPUS processes per node with `--launcher pytorch`, through the
+# legacy launcher as OpenMMLab's scripts do; multi-node through NNODES, NODE_RANK, MASTER_ADDR and PORT.
 set -euo pipefail
-TOOL=$1
-GPUS=$2
+TOOLS_DIR=$1
+ACTION=$2
 shift 2
-TOOLS_DIR=${TOOLS_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)}
+case "$ACTION" in
+  train) USAGE="CONFIG GPUS" ;;
+  test) USAGE="CONFIG CHECKPOINT GPUS" ;;
+  *) echo "$0: unknown action '$ACTION' (train or test)" >&2; exit 2 ;;
+esac
+NUM_POSITIONAL=$(wc -w <<< "$USAGE")
+if [ $# -lt "$NUM_POSITIONAL" ]; then
+  echo "usage: $TOOLS_DIR/dist_$ACTION.sh $USAGE [args...]" >&2
+  exit 2
+fi
+# the tool's positional arguments (CONFIG [CHECKPOINT]) come before GPUS, which goes to the launcher
+POSITIONAL=("${@:1:NUM_POSITIONAL-1}")
+GPUS=${!NUM_POSITIONAL}
+shift "$NUM_POSITIONAL"
 exec "${PYTHON:-python}" -m torch.distributed.launch \
     --nnodes="${NNODES:-1}" \
     --node_rank="${NODE_RANK:-0}" \
     --master_addr="${MASTER_ADDR:-127.0.0.1}" \
     --nproc_per_node="$GPUS" \
     --master_port="${PORT:-29500}" \
-    "$TOOLS_DIR/$TOOL" "$@" --launcher pytorch
+    "$TOOLS_DIR/$ACTION.py" "${POSITIONAL[@]}" "$@" --launcher pytorch

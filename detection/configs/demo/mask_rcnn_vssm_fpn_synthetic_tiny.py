@@ -1,4 +1,4 @@
-# Mask R-CNN VMamba-T on the synthetic shapes of `python -m detection.synthetic $VMAMBA_DEMO_DATA`
+# Mask R-CNN VMamba-T on the synthetic shapes of `python -m vmamba_mm.synthetic $VMAMBA_DEMO_DATA`
 # (3 classes, images used at their generated size): a short from-scratch run that exercises the
 # full pipeline (training, CocoMetric evaluation, checkpoints) without COCO. 300 iterations,
 # evaluation every 100; warm-up shortened to 50 iterations, no pretrained backbone.

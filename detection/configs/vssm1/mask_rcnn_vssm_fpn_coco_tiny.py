@@ -2,7 +2,7 @@
 # Reported: box AP 47.3, mask AP 42.7; release file mask_rcnn_vssm_fpn_coco_tiny_s_epoch_12.pth.
 _base_ = [
     'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py',
-    '../_base_/vmamba.py',
+    '../../../vmamba_mm/configs/vmamba.py',
 ]
 custom_imports = dict(imports=['detection.models'], allow_failed_imports=False)
 

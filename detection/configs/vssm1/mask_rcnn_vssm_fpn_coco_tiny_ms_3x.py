@@ -3,7 +3,7 @@
 # Reported: box AP 48.8, mask AP 43.7; release file mask_rcnn_vssm_fpn_coco_tiny_ms_3x_s_epoch_31.pth.
 _base_ = [
     'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_ms-crop-3x_coco.py',
-    '../_base_/vmamba.py',
+    '../../../vmamba_mm/configs/vmamba.py',
 ]
 custom_imports = dict(imports=['detection.models'], allow_failed_imports=False)
 

@@ -1,4 +1,4 @@
-# UperNet VMamba-T on the synthetic shapes of `python -m detection.synthetic $VMAMBA_DEMO_DATA`
+# UperNet VMamba-T on the synthetic shapes of `python -m vmamba_mm.synthetic $VMAMBA_DEMO_DATA`
 # (ADE20K layout and dataset class, 150-class head; images used at their generated size): a short
 # from-scratch run that exercises training, IoUMetric evaluation and --tta without ADE20K.
 # 300 iterations, evaluation every 100; warm-up shortened to 50 iterations, no pretrained backbone.
