@@ -11,10 +11,10 @@ forward+backward median times, and effective bandwidth counting the bytes a perf
            (for u and delta, 6 B/element more traffic each call).
 It also measures the card's copy bandwidth (a 2 GiB device-to-device copy, read + write bytes) in the
 same run, so the ratio is meaningful. Each timing is one call between two events, waited for, so it holds the
-host's time to issue the call on an idle GPU (Python checks, op dispatch, autograd, allocation: measured at
-about 0.1 ms per forward and 0.3 ms per forward+backward on the lent H100's host, varying between runs);
---calls K instead times K calls issued back to back and reports their mean, which hides that time behind
-the GPU work as a training step does.
+host's time to issue the call on an idle GPU (Python checks, op dispatch, autograd, allocation: about 0.1 ms
+per forward and 0.3 ms per forward+backward on an H100 machine's host, varying between runs); --calls K instead
+times K calls issued back to back and reports their mean, which hides that time behind the GPU work as a
+training step does.
 
 CPU (--device cpu): the torch path at the same shapes with batch 1, fp32, forward and forward+backward.
 
@@ -31,7 +31,7 @@ import time
 import torch
 
 import selective_scan
-from selective_scan import selective_scan_fn
+from selective_scan import selective_scan_fn, torch_scan
 
 STAGES = [(384, 3136), (768, 784), (1536, 196), (3072, 49)]  # (K*D, L) of VMamba-T at 224 px
 GROUPS = 4
@@ -90,12 +90,15 @@ def copy_bandwidth_tb_s():
     return 2 * src.numel() / (ms * 1e-3) / 1e12
 
 
-def backward_op(plain, dy, use_cuda_kernel):
-    """The backward op alone, called as the autograd rule calls it, with the forward's saved state."""
-    ops = torch.ops.selective_scan
+def backward_op(plain, dy, backend):
+    """The backward alone, given the forward's saved state: the op `selective_scan::bwd` as the autograd rule calls
+    it (backend "cuda"), or the PyTorch implementation's backward (backend "torch")."""
     args = (plain["u"], plain["delta"], plain["A"], plain["B"], plain["C"], plain["D"], plain["delta_bias"])
-    _, _, checkpoints = ops.scan_fwd(*args, True, True, use_cuda_kernel)
-    return lambda: ops.scan_bwd(dy, None, *args, checkpoints, True, use_cuda_kernel)
+    if backend == "torch":
+        return lambda: torch_scan.scan_backward(dy, *args, True)
+    ops = torch.ops.selective_scan
+    _, _, checkpoints = ops.fwd(*args, True, True)
+    return lambda: ops.bwd(dy, None, *args, checkpoints, True)
 
 
 def profile_once(stage):
@@ -103,7 +106,7 @@ def profile_once(stage):
     channels, length = STAGES[stage]
     plain = make_inputs(128, channels, length, torch.float16, "cuda", requires_grad=False)
     dy = torch.randn(128, channels, length, device="cuda")
-    backward = backward_op(plain, dy, True)  # its forward call is the profiled forward
+    backward = backward_op(plain, dy, "cuda")  # its forward call is the profiled forward
     backward()
     torch.cuda.synchronize()
 
@@ -119,7 +122,7 @@ def bench(device, backend, batch, dtypes, calls=1):
             with torch.no_grad():
                 fwd_ms = timer(lambda: selective_scan_fn(**plain, **call))
             dy = torch.randn(batch, channels, length, device=device)
-            bwd_ms = timer(backward_op(plain, dy, backend == "cuda"))
+            bwd_ms = timer(backward_op(plain, dy, backend))
 
             def fwd_bwd():
                 selective_scan_fn(**inputs, **call).backward(dy)

@@ -1,12 +1,12 @@
 """Fused SS2D core vs the unfused path at VMamba's four stage shapes (GPU).
 
 Shapes: batch 128, d_model 96 * 2^i, D = ssm_ratio * d_model (ssm_ratio 1, VMamba-T [s1l8]: D = 96, 192, 384,
-768, issue #8's stage-1 shape; 2 for VMamba-S / VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48,
-map 56 / 2^i, d_state 1, fp16 activations under autocast (the model's training setting). Both paths take
-x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return the merged fp32 map:
-  unfused: SS2D.ssm with the fused path off (Triton cross-scan, batched x_proj / dt_proj GEMMs, the CUDA
-           selective scan, Triton cross-merge);
-  fused:   selective_scan.ss2d.ss2d_core(backend="fused") (the x_dbl GEMM plus the fused kernels).
+768; 2 for VMamba-S/B and VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48, map 56 / 2^i, d_state 1,
+fp16 activations under autocast (the model's training setting); --image 800 1333 --batch 2 gives the maps of a
+detection-size input. Both paths are `selective_scan.ss2d.ss2d_core` on x (B, D, H, W) in channels-last storage
+(the depthwise conv's output) and return the merged fp32 map:
+  unfused: backend="unfused" (cross-scan, batched x_proj / dt_proj GEMMs, the CUDA selective scan, cross-merge);
+  fused:   backend="fused" (the x_dbl GEMM plus the fused kernels, docs/kernels.md).
 fwd+bwd adds the backward of a fixed fp32 output gradient into x and the five SSM parameters. Times are
 medians of CUDA-event timings. Also timed: the x_dbl GEMM alone and the fused forward / backward ops alone
 (kernel plus its zero-fills, casts and, backward, the sum of the four routes' dx maps), so the rest of the fused
@@ -31,7 +31,6 @@ import torch
 import bench_scan  # same directory: its CUDA-event timer and copy-bandwidth probe
 import selective_scan
 from selective_scan import ss2d
-from classification.models import vmamba
 from classification.models.vmamba import SS2D
 
 PARAMS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
@@ -62,12 +61,8 @@ def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96, ssm_rati
     autocast = torch.autocast("cuda", dtype=dtype)
 
     def unfused():
-        vmamba.FUSED_SS2D = False
-        try:
-            with autocast:
-                return module.ssm(x)
-        finally:
-            vmamba.FUSED_SS2D = True
+        with autocast:
+            return ss2d.ss2d_core(x, *params, backend="unfused")
 
     def fused():
         with autocast:
@@ -81,7 +76,7 @@ def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96, ssm_rati
 
     row = dict(stage=stage, batch=batch, dim=dim, length=height * width, rank=rank, dtype=str(dtype)[6:])
     row["unfused_fwd_ms"], row["unfused_fwd_bwd_ms"] = timed(unfused)
-    reason = ss2d.fused_unsupported_reason(x, rank, 1)
+    reason = ss2d.fused_unsupported_reason(rank, 1, x=x)
     if reason is not None:
         row["fused"] = f"unsupported: {reason}"
         return row
@@ -117,6 +112,8 @@ def main(argv=None):
                         help="D / d_model: 1 (VMamba-T [s1l8], the default) or 2 (VMamba-S/B)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_ss2d.py times the CUDA kernels: no CUDA device is visible")
     result = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, build_info=selective_scan.build_info(),
                   copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:

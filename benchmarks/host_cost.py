@@ -1,13 +1,15 @@
 """Host (CPU) time per call of VMamba's pieces on CUDA, with inputs so small that the GPU idles: the wall time
-per call is then what the host spends issuing it. At batch 128 the eager model is bound by the larger of this
+per call is then what the host spends issuing it. At batch 128 an eager model is bound by the larger of this
 (summed over a step) and its GPU time, so this table says where launch overhead comes from.
 
     python benchmarks/host_cost.py
 
-Rows: one tiny CUDA op (the floor), PyTorch's layer_norm and ours (forward; forward + backward), the fused SS2D
-core, an SS2D module, a VSSBlock (fused and unfused core, AMP and fp32, inference and a training step), and whole
-models at batch 1 (VMamba-T beside timm's Swin-T).
+Rows: one tiny CUDA op (the floor; bench_model.py and gpu_check.sh print it as host_us_per_op), PyTorch's
+layer_norm and ours (forward; forward + backward), the fused SS2D core, an SS2D module, a VSSBlock (fused and
+unfused core, AMP and fp32, inference and a training step), and whole models at batch 1 (VMamba-T beside timm's
+Swin-T). The blocks are VMamba-T's first (C 96), taken from models built with ss2d_core="fused" / "unfused".
 """
+import argparse
 import time
 
 import timm
@@ -15,9 +17,10 @@ import torch
 import torch.nn.functional as F
 
 import classification.models  # noqa: F401  (registers the VMamba builders with timm)
-from classification.models import vmamba
 from selective_scan import ss2d
 from selective_scan.layer_norm import layer_norm
+
+SS2D_PARAMS = ("x_proj_weight", "dt_projs_weight", "dt_projs_bias", "A_logs", "Ds")
 
 
 def per_call_us(fn, calls=300):
@@ -31,12 +34,24 @@ def per_call_us(fn, calls=300):
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def tiny_op_us(device=None, calls=2000):
+    """Host time of one tiny CUDA op (x.add_(1) on 8 floats): eager models are partly launch-bound, so their img/s
+    depend on the machine's CPU as well as on its GPU; this puts a number on the CPU."""
+    x = torch.zeros(8, device=device or "cuda")
+    return per_call_us(lambda: x.add_(1), calls)
+
+
+def first_block(ss2d_core, device):
+    """VMamba-T's first VSSBlock (C 96, channel-first) with the given SS2D core, in eval mode."""
+    model = timm.create_model("vmamba_tiny_s1l8", ss2d_core=ss2d_core)
+    return model.layers[0].blocks[0].to(device).eval()
+
+
 def block_rows(device):
-    rows = []
+    rows = [("one tiny CUDA op (x.add_(1))", tiny_op_us(device, 300))]
     x = torch.randn(2, 8, 8, 96, device=device, requires_grad=True)
     w = torch.ones(96, device=device, requires_grad=True)
     b = torch.zeros(96, device=device, requires_grad=True)
-    rows.append(("one tiny CUDA op (x.add_(1))", per_call_us(lambda: x.data.add_(1))))
     rows.append(("F.layer_norm forward", per_call_us(lambda: F.layer_norm(x.data, (96,), w.data, b.data))))
     rows.append(("layer_norm forward (fp16 out), no grad",
                  per_call_us(lambda: layer_norm(x.data, w.data, b.data, 1e-5, torch.float16))))
@@ -45,20 +60,17 @@ def block_rows(device):
     rows.append(("layer_norm (fp16 out), forward + backward",
                  per_call_us(lambda: layer_norm(x, w, b, 1e-5, torch.float16).sum().backward())))
 
-    ssm_args = dict(d_state=1, ssm_ratio=1.0, forward_type="v05_noz", channel_first=True)
-    module = vmamba.SS2D(96, **ssm_args).to(device)
-    block = vmamba.VSSBlock(96, norm_layer=vmamba.LayerNorm2d, channel_first=True, ssm_d_state=1, ssm_ratio=1.0,
-                            forward_type="v05_noz").to(device).eval()
+    block, unfused_block = first_block("fused", device), first_block("unfused", device)
+    module = block.op
     xc = torch.randn(2, 96, 8, 8, device=device).to(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cuda", torch.float16):
         xin = module.act(module.conv2d(module.in_proj(xc)))
-        params = (module.x_proj_weight, module.dt_projs_weight, module.dt_projs_bias, module.A_logs, module.Ds)
-        rows.append(("fused SS2D core, AMP, no grad", per_call_us(lambda: ss2d.fused_core(xin, *params))))
+        params = [getattr(module, name) for name in SS2D_PARAMS]
+        rows.append(("ss2d_core(backend='fused'), AMP, no grad",
+                     per_call_us(lambda: ss2d.ss2d_core(xin, *params, backend="fused"))))
         rows.append(("SS2D module, AMP, no grad", per_call_us(lambda: module(xc))))
         rows.append(("VSSBlock, AMP, no grad", per_call_us(lambda: block(xc))))
-        vmamba.FUSED_SS2D = False
-        rows.append(("VSSBlock with the unfused core, AMP, no grad", per_call_us(lambda: block(xc))))
-        vmamba.FUSED_SS2D = True
+        rows.append(("VSSBlock with the unfused core, AMP, no grad", per_call_us(lambda: unfused_block(xc))))
     with torch.no_grad():
         rows.append(("VSSBlock, fp32, no grad", per_call_us(lambda: block(xc))))
     block.train()
@@ -91,6 +103,7 @@ def model_rows(device):
 
 
 def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("host_cost.py measures CUDA launch overhead: no CUDA device is visible")
     device = torch.device("cuda")

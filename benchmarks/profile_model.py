@@ -1,6 +1,7 @@
-"""Where a model's GPU time goes: the torch.profiler kernel table of a few steps (paper protocol shapes).
+"""Where a model's GPU time goes: the torch.profiler kernel table of a few steps at the paper's protocol shapes.
 
-    python benchmarks/profile_model.py --model vmamba_tiny_s1l8 --modes infer_amp train_amp [--compile]
+    python benchmarks/profile_model.py --model vmamba_tiny_s1l8 --modes infer_amp train_amp [--ss2d-core unfused]
+                                       [--compile] [--cpu-top 20]
 
 Per mode it prints the kernels sorted by total CUDA time (share of the step, calls, time per step), the
 GPU time and the wall time per step (a wall time well above the GPU time means the CPU cannot issue the
@@ -9,10 +10,10 @@ kernels fast enough), and with --cpu-top N the N operators with the most CPU tim
 import argparse
 import time
 
+import timm
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from analyze.common import ModelSpec, prepare_model
 from analyze.tp import _step_fn
 
 
@@ -46,11 +47,16 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--cpu-top", type=int, default=0, help="also list the operators with most CPU time")
+    parser.add_argument("--ss2d-core", choices=["auto", "fused", "unfused"],
+                        help="a VMamba model's SS2D core (default: the model's own, auto)")
     parser.add_argument("--compile", action="store_true")
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("profile_model.py profiles CUDA kernels: no CUDA device is visible")
     import classification.models  # noqa: F401  (registers the VMamba builders with timm)
     device = torch.device("cuda")
-    model = prepare_model(ModelSpec(args.model), device, img_size=224)
+    kwargs = {"ss2d_core": args.ss2d_core} if args.ss2d_core else {}
+    model = timm.create_model(args.model, **kwargs).to(device).eval()
     if args.compile:
         model = torch.compile(model)
     images = torch.randn(args.batch_size, 3, 224, 224, device=device)
