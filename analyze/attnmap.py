@@ -1,6 +1,7 @@
 """The implicit attention of an SS2D layer, and the activation map of one query pixel.
 
-A selective scan is linear in its input u once dt, B and C are fixed (SPEC sections 1 and 6):
+A selective scan is linear in its input u once dt, B and C are fixed (the VMamba paper, arXiv 2401.10166, derives
+SS2D's attention this way for its activation-map figures):
 
     dt = softplus(dts + delta_bias),  cum_t = sum_{s <= t} A * dt_s  (per channel d and state n)
     y_i = sum_{j <= i} M[i, j] u_j + D u_i,   M[d, i, j] = sum_n C_i[n] exp(cum_i - cum_j)[d, n] B_j[n] dt_j[d]
@@ -139,7 +140,7 @@ def capture_scan_inputs(model: nn.Module, layer: nn.Module, image: torch.Tensor)
     """Run the model on one image and ask the layer for its scan arguments on the input it received.
 
     `layer.scan_inputs(x)` returns the selective scan's keyword arguments (u, delta, A, B, C, D,
-    delta_bias, delta_softplus; SPEC section 1 shapes) plus the map's height, width and routes.
+    delta_bias, delta_softplus; selective_scan_fn's shapes) plus the map's height, width and routes.
     """
     captured = []
     handle = layer.register_forward_pre_hook(lambda module, args: captured.append(args[0]))

@@ -1,4 +1,5 @@
-"""Effective receptive field (ERF) heatmaps, the RepLKNet method (SPEC section 6).
+"""Effective receptive field (ERF) heatmaps, the method of RepLKNet (Ding et al., arXiv 2203.06717) that the
+VMamba paper (arXiv 2401.10166, its ERF figures) uses.
 
 For each image: take the backbone's last-stage map, sum over channels the ReLU of the feature at
 the central position, differentiate that scalar with respect to the input, keep the positive part

@@ -1,6 +1,7 @@
 """Throughput, peak memory, parameters and FLOPs of image classifiers, and the scale-up study.
 
-The paper's protocol (SPEC section 6): inference is model.eval() under no_grad in fp32 (no autocast),
+The protocol of the paper's throughput columns (arXiv 2401.10166, as the authors' classification/main.py
+`throughput` measures it): inference is model.eval() under no_grad in fp32 (no autocast),
 batch 128, 50 warm-up then 30 timed forwards between CUDA synchronizes; the same under autocast
 gives the AMP column. Training is model.train() under autocast: forward, cross-entropy, backward,
 no optimizer step. A batch that runs out of memory is halved and retried (the batch used is recorded).
