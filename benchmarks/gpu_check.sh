@@ -166,8 +166,8 @@ train_run() {
 
 part_train() {
   local gpus=${TRAIN_GPUS:-1} status=0 runs=(one_gpu)
-  "$PY" -c "import sys, torch; n = torch.cuda.device_count(); sys.exit(0 if n >= $gpus else f'TRAIN_GPUS=$gpus: {n} GPU(s) visible')" ||
-    return 1
+  "$PY" -c "import sys, torch; n = torch.cuda.device_count()
+sys.exit(0 if n >= $gpus else f'TRAIN_GPUS=$gpus but {n} GPU(s) visible')" || return 1
   train_run one_gpu 1 || status=1
   if [ "$gpus" -gt 1 ]; then
     train_run "gpus_$gpus" "$gpus" || status=1
