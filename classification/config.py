@@ -1,9 +1,10 @@
 """Default training/model configuration (yacs), with the key names of the Swin/VMamba trainers.
 
 The authors' yaml files load unchanged: every key they use exists here with the same meaning
-(key names from the official ``classification/config.py``). Unknown keys in a yaml file or in
-``--opts`` are an error, as yacs makes them.
+(key names from the official ``classification/config.py``). An unknown key in a yaml file or in
+``--opts`` is an error that names the key and the nearest valid ones.
 """
+import difflib
 import os
 
 import yaml
@@ -144,6 +145,31 @@ _C.FUSED_LAYERNORM = False
 _C.LOCAL_RANK = 0
 
 
+def _all_keys(node, prefix=""):
+    """Every leaf key of a CfgNode, dotted ("MODEL.VSSM.DEPTHS")."""
+    keys = []
+    for name, value in node.items():
+        keys += _all_keys(value, f"{prefix}{name}.") if isinstance(value, CN) else [prefix + name]
+    return keys
+
+
+def _check_keys(config, keys, where):
+    """Raises KeyError for a key that is not in the config, naming the closest valid keys."""
+    valid = set(_all_keys(config))
+    for key in keys:
+        if key not in valid:
+            close = difflib.get_close_matches(key.upper(), sorted(valid), n=5, cutoff=0.5)
+            hint = f"; did you mean {', '.join(close)}?" if close else ""
+            raise KeyError(f"unknown config key {key!r} in {where}{hint}")
+
+
+def _flat_keys(raw, prefix=""):
+    keys = []
+    for name, value in raw.items():
+        keys += _flat_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
+    return keys
+
+
 def _merge_file(config, cfg_file):
     """Merge a yaml file into ``config``, following its BASE list first (paths relative to it)."""
     if not os.path.isfile(cfg_file):
@@ -153,6 +179,7 @@ def _merge_file(config, cfg_file):
     for base in raw.get("BASE", [""]):
         if base:
             _merge_file(config, os.path.join(os.path.dirname(cfg_file), base))
+    _check_keys(config, _flat_keys(raw), cfg_file)
     config.merge_from_file(cfg_file)
 
 
@@ -170,5 +197,9 @@ def load_config(cfg_file=None, opts=None):
     if cfg_file:
         _merge_file(config, cfg_file)
     if opts:
-        config.merge_from_list(list(opts))
+        opts = list(opts)
+        if len(opts) % 2:
+            raise ValueError(f"--opts takes KEY VALUE pairs; got an odd number of items: {opts}")
+        _check_keys(config, opts[0::2], "--opts")
+        config.merge_from_list(opts)
     return config

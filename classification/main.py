@@ -124,12 +124,9 @@ def read_pretrained(path):
 def load_pretrained_weights(model, state_dict, path, logger):
     """Load pretrained weights; a classifier head of another number of classes is left at its
     initialisation (fine-tuning on a new label set), anything else that does not fit is an error."""
-    own = model.state_dict()
-    new_head = tuple(name for name, tensor in state_dict.items()
-                     if name in own and own[name].shape != tensor.shape and name.startswith(HEAD_PREFIXES))
-    if new_head:
-        logger.info(f"pretrained classifier head {new_head} does not fit {own[new_head[0]].shape}: not loaded")
-    report = load_pretrained(model, state_dict, ignore_prefixes=new_head, expected_missing_prefixes=new_head)
+    report = load_pretrained(model, state_dict, new_head_prefixes=HEAD_PREFIXES)
+    if report["new_head"]:
+        logger.info(f"pretrained classifier head {tuple(report['new_head'])} does not fit this model: not loaded")
     logger.info(f"pretrained weights from {path}: {report}")
 
 

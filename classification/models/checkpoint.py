@@ -2,8 +2,10 @@
 
 ``load_state_dict_from(source)`` accepts a path, a full checkpoint dict (``{"model": ...,
 "model_ema": ..., ...}`` or mmengine's ``{"state_dict": {"backbone.*": ...}}``) or a bare
-state_dict, and says which one it found. ``load_pretrained(model, source)`` loads it into a model,
-checking shapes first so that a mismatch names the key, and returns a report of what did not match.
+state_dict, and says which one it found. ``load_pretrained(model, source)`` loads it into any model (ours or a
+timm baseline), checking shapes first so that a mismatch names the key, and returns a report of what did not
+match. A model that knows other checkpoint layouts (VSSM: the authors' legacy key names) maps them in its
+``filter_checkpoint(state_dict)``, which load_pretrained calls.
 """
 import logging
 import os
@@ -25,8 +27,11 @@ def _is_state_dict(obj):
 
 
 def torch_load_cpu(path):
-    """torch.load onto the CPU: the safe ``weights_only`` loader first, the full unpickler for files that
-    also hold other Python objects."""
+    """A checkpoint file onto the CPU: .safetensors, or torch.load with the safe ``weights_only`` reader first and
+    the full unpickler for files that also hold other Python objects."""
+    if os.fspath(path).endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path, device="cpu")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -75,7 +80,8 @@ def load_state_dict_from(source, key=None):
 
 
 class LoadReport(dict):
-    """kind, missing, unexpected, ignored (key lists); ``ok`` when nothing unexplained is left."""
+    """kind, missing, unexpected, ignored, expected_missing, new_head (key lists); ``ok`` when nothing
+    unexplained is left."""
 
     @property
     def ok(self):
@@ -83,7 +89,7 @@ class LoadReport(dict):
 
     def __str__(self):
         parts = [f"loaded {self['kind']}"]
-        for name in ("missing", "unexpected", "ignored", "expected_missing"):
+        for name in ("missing", "unexpected", "ignored", "expected_missing", "new_head"):
             if self.get(name):
                 keys = self[name]
                 parts.append(f"{name} {len(keys)}: {keys[:8]}{' ...' if len(keys) > 8 else ''}")
@@ -96,36 +102,43 @@ def _shapes_match(model_shape, ckpt_shape):
                                          and model_shape == ckpt_shape[:2])
 
 
-def load_pretrained(model, source, key=None, strict=True, ignore_prefixes=(), expected_missing_prefixes=()):
+def load_pretrained(model, source, key=None, strict=True, ignore_prefixes=(), expected_missing_prefixes=(),
+                    new_head_prefixes=()):
     """Load ``source`` (see load_state_dict_from) into ``model``; returns a LoadReport.
 
     ``ignore_prefixes``: checkpoint keys dropped before loading (reported as ignored).
     ``expected_missing_prefixes``: model keys allowed to be absent (reported separately).
+    ``new_head_prefixes``: a classifier head whose checkpoint tensors do not fit the model (another number of
+    classes, or none) is not loaded and stays at its initialisation (reported as new_head).
     With ``strict`` any other missing or unexpected key is an error; without it they are reported
     and logged. A shape mismatch is always an error naming the key.
     """
-    from .vmamba import rename_legacy_keys
-
     state_dict, kind = load_state_dict_from(source, key)
-    state_dict = rename_legacy_keys(dict(state_dict))
+    filter_checkpoint = getattr(model, "filter_checkpoint", None)
+    state_dict = filter_checkpoint(state_dict) if filter_checkpoint is not None else dict(state_dict)
     ignored = sorted(k for k in state_dict if k.startswith(tuple(ignore_prefixes)))
     for k in ignored:
         del state_dict[k]
 
     own = model.state_dict()
+    new_head = [k for k, v in state_dict.items() if k.startswith(tuple(new_head_prefixes))
+                and (k not in own or not _shapes_match(own[k].shape, v.shape))]
+    for k in new_head:
+        del state_dict[k]
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in state_dict.items() if k in own and not _shapes_match(own[k].shape, v.shape)]
     if mismatched:
         raise ValueError(f"shape mismatch loading {kind}:\n  " + "\n  ".join(mismatched))
 
     result = model.load_state_dict(state_dict, strict=False)
-    expected = tuple(expected_missing_prefixes)
+    expected = tuple(expected_missing_prefixes) + (tuple(new_head_prefixes) if new_head else ())
     report = LoadReport(
         kind=kind,
         missing=[k for k in result.missing_keys if not k.startswith(expected)] if expected else list(result.missing_keys),
         expected_missing=[k for k in result.missing_keys if expected and k.startswith(expected)],
         unexpected=list(result.unexpected_keys),
         ignored=ignored,
+        new_head=new_head,
     )
     if strict and not report.ok:
         raise RuntimeError(f"strict load of {kind} failed: missing {report['missing']}, "

@@ -1,9 +1,11 @@
-"""VMamba: Visual State Space Model (Liu et al., arXiv 2401.10166).
+"""VMamba: Visual State Space Model (Liu et al., arXiv 2401.10166), as a timm model family.
 
-Building blocks (Linear2d, LayerNorm2d, stems, downsamples, Mlp), the 2-D selective-scan mixer SS2D,
-VSSBlock, the classifier VSSM and the dense-prediction Backbone_VSSM, then the nine published
-models as timm-registered builders. Parameter names and shapes follow the authors' release so
-that its checkpoints load with ``strict=True``.
+Blocks (Linear2d, LayerNorm2d, stems, downsamples, Mlp), the 2-D selective-scan mixer SS2D and VSSBlock, then
+the classifier VSSM (timm's model API: forward_features / forward_head / forward_intermediates, feature_info,
+features_only through timm's feature getter), the dense-prediction Backbone_VSSM built on the same feature path,
+the checkpoint filter that maps the authors' release files to our keys, and the nine published models (plus a
+tiny test model) as timm builders with their release URLs. Parameter names and shapes follow the authors' release,
+so their checkpoints load with ``strict=True``.
 
 Layouts: ``norm_layer="ln"`` builds a channel-last model (activations (B, H, W, C), nn.Linear,
 nn.LayerNorm); ``"ln2d"`` / ``"bn"`` a channel-first one (activations (B, C, H, W), Linear2d,
@@ -13,21 +15,32 @@ run on contiguous rows and no transposes are materialised.
 """
 import math
 import os
+import re
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 from selective_scan import ss2d
 from selective_scan.layer_norm import layer_norm
-from timm.layers import DropPath, trunc_normal_
-from timm.models import register_model
+from selective_scan.ss2d import ss2d_core
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, register_notrace_function, register_notrace_module, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from torch.utils.checkpoint import checkpoint
 
-__all__ = ["Linear2d", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
-           "NORM_LAYERS", "rename_legacy_keys"]
+from .checkpoint import load_pretrained, load_state_dict_from
+
+__all__ = ["Linear2d", "LayerNorm", "LayerNorm2d", "SS2D", "VSSBlock", "VSSM", "Backbone_VSSM", "FORWARD_TYPES",
+           "NORM_LAYERS", "SS2D_CORES", "checkpoint_filter_fn"]
+
+# The scan core and the LayerNorm dispatch on the device and dtype of their input: leaf calls for torch.fx.
+register_notrace_function(ss2d_core)
 
 
 # ============================================================================= layout helpers
+@register_notrace_module  # branches on the input's device and layout
 class Linear2d(nn.Linear):
     """nn.Linear over the channel axis of a (B, C, H, W) map (a 1x1 conv with nn.Linear's weight)."""
 
@@ -42,37 +55,53 @@ class Linear2d(nn.Linear):
         return F.conv2d(x, self.weight[:, :, None, None], self.bias)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # accept a conv-shaped (out, in, 1, 1) weight as well
+        # accept a conv-shaped (out, in, 1, 1) weight as well (the authors' conv-based Linear2d)
         weight = state_dict.get(prefix + "weight")
         if weight is not None and weight.dim() == 4 and weight.shape[2:] == (1, 1):
             state_dict[prefix + "weight"] = weight.flatten(1)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over C of a (B, C, H, W) map.
+@register_notrace_module  # branches on the input's device and dtype
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm over C: the last axis, or dim 1 of a (B, C, H, W) map (``channel_first``).
 
     The output dtype is the one autocast's layer_norm + the next op would leave: fp32 under autocast, or, for a
     norm marked ``matmul_input`` (its output goes straight into a linear layer, which would cast it), the
     autocast dtype; x's dtype without autocast. On CUDA selective_scan.layer_norm computes it in one kernel
-    over channels-last storage (no transpose, one rounding).
+    (channels-last storage for channel-first maps: no transpose, one rounding).
     """
 
-    def __init__(self, normalized_shape, eps=1e-5, matmul_input=False, **kwargs):
+    def __init__(self, normalized_shape, eps=1e-5, channel_first=False, matmul_input=False, **kwargs):
         super().__init__(normalized_shape, eps=eps, **kwargs)
+        self.channel_first = channel_first
         self.matmul_input = matmul_input
 
     def forward(self, x):
-        device = x.device.type
+        autocast_dtype = _autocast_dtype(x.device.type)
         out_dtype = x.dtype
-        if torch.is_autocast_enabled(device):
-            out_dtype = torch.get_autocast_dtype(device) if self.matmul_input else torch.float32
-        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype, channel_first=True)
+        if autocast_dtype is not None:
+            out_dtype = autocast_dtype if self.matmul_input else torch.float32
+        return layer_norm(x, self.weight, self.bias, self.eps, out_dtype, channel_first=self.channel_first)
 
 
-def _norm_before_matmul(norm_layer, dim):
-    """``norm_layer(dim)`` for a norm that feeds a linear layer (LayerNorm2d.matmul_input)."""
-    return norm_layer(dim, matmul_input=True) if norm_layer is LayerNorm2d else norm_layer(dim)
+class LayerNorm2d(LayerNorm):
+    """LayerNorm over C of a (B, C, H, W) map."""
+
+    def __init__(self, normalized_shape, eps=1e-5, matmul_input=False, **kwargs):
+        super().__init__(normalized_shape, eps=eps, channel_first=True, matmul_input=matmul_input, **kwargs)
+
+
+def _autocast_dtype(device_type):
+    """The autocast dtype active for `device_type`, or None (also for devices autocast does not know, e.g. meta)."""
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return None
+
+
+def _norm_before_matmul(norm_layer, dim, **dd):
+    """``norm_layer(dim)`` for a norm that feeds a linear layer (LayerNorm.matmul_input)."""
+    return norm_layer(dim, matmul_input=True, **dd) if norm_layer is LayerNorm2d else norm_layer(dim, **dd)
 
 
 class Permute(nn.Module):
@@ -109,16 +138,16 @@ def _lookup(table, name, what):
 
 
 # ============================================================================= stems, downsamples, MLP
-def make_stem(version, in_chans, dim, patch_size, patch_norm, norm_layer, channel_first):
+def make_stem(version, in_chans, dim, patch_size, patch_norm, norm_layer, channel_first, **dd):
     """Output (B, dim, ceil(H/4), ceil(W/4)) (v2) or (B, dim, H//p, W//p) (v1), in the model's layout.
 
     Module indices are those of the authors' checkpoints: v1 conv 0 / norm 2;
     v2 conv 0 / norm 2 / conv 5 / norm 7 (the others are layout permutes and the GELU).
     """
-    norm = (lambda c: norm_layer(c)) if patch_norm else (lambda c: nn.Identity())
+    norm = (lambda c: norm_layer(c, **dd)) if patch_norm else (lambda c: nn.Identity())
     if version == "v1":
         return nn.Sequential(
-            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size),
+            nn.Conv2d(in_chans, dim, kernel_size=patch_size, stride=patch_size, **dd),
             _to_channel_last(channel_first),
             norm(dim),
         )
@@ -126,26 +155,27 @@ def make_stem(version, in_chans, dim, patch_size, patch_norm, norm_layer, channe
         if patch_size != 4:
             raise ValueError(f"patchembed v2 is two stride-2 convs, i.e. patch_size 4; got {patch_size}")
         return nn.Sequential(
-            nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(in_chans, dim // 2, kernel_size=3, stride=2, padding=1, **dd),
             _to_channel_last(channel_first),
             norm(dim // 2),
             _to_channel_first(channel_first),
             nn.GELU(),
-            nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1),
+            nn.Conv2d(dim // 2, dim, kernel_size=3, stride=2, padding=1, **dd),
             _to_channel_last(channel_first),
             norm(dim),
         )
     raise ValueError(f"unknown patchembed version {version!r}; valid: ['v1', 'v2']")
 
 
+@register_notrace_module  # pads odd sizes, a branch on the input's shape
 class PatchMerging2D(nn.Module):
     """Downsample v1: concatenate each 2x2 neighbourhood (odd sizes zero-padded), norm, Linear 4C -> out."""
 
-    def __init__(self, dim, out_dim, norm_layer, channel_first):
+    def __init__(self, dim, out_dim, norm_layer, channel_first, **dd):
         super().__init__()
         self.channel_first = channel_first
-        self.reduction = (Linear2d if channel_first else nn.Linear)(4 * dim, out_dim, bias=False)
-        self.norm = norm_layer(4 * dim)
+        self.reduction = (Linear2d if channel_first else nn.Linear)(4 * dim, out_dim, bias=False, **dd)
+        self.norm = norm_layer(4 * dim, **dd)
 
     def forward(self, x):
         h_axis, w_axis, c_axis = (2, 3, 1) if self.channel_first else (1, 2, 3)
@@ -164,17 +194,17 @@ class PatchMerging2D(nn.Module):
         return self.reduction(self.norm(x))
 
 
-def make_downsample(version, dim, out_dim, norm_layer, channel_first):
+def make_downsample(version, dim, out_dim, norm_layer, channel_first, **dd):
     """Between stages; conv versions keep the authors' indices (conv 1, norm 3)."""
     if version == "v1":
-        return PatchMerging2D(dim, out_dim, norm_layer, channel_first)
+        return PatchMerging2D(dim, out_dim, norm_layer, channel_first, **dd)
     if version in ("v2", "v3"):
         conv_args = dict(kernel_size=2, stride=2) if version == "v2" else dict(kernel_size=3, stride=2, padding=1)
         return nn.Sequential(
             _to_channel_first(channel_first),
-            nn.Conv2d(dim, out_dim, **conv_args),
+            nn.Conv2d(dim, out_dim, **conv_args, **dd),
             _to_channel_last(channel_first),
-            norm_layer(out_dim),
+            norm_layer(out_dim, **dd),
         )
     if version == "none":
         return nn.Identity()
@@ -184,14 +214,14 @@ def make_downsample(version, dim, out_dim, norm_layer, channel_first):
 class Mlp(nn.Module):
     """fc1 -> act -> fc2; ``gated`` (gMLP) makes fc1 twice as wide and multiplies by act(gate)."""
 
-    def __init__(self, dim, hidden_dim, act_layer=nn.GELU, drop=0.0, channel_first=False, gated=False):
+    def __init__(self, dim, hidden_dim, act_layer=nn.GELU, drop=0.0, channel_first=False, gated=False, **dd):
         super().__init__()
         linear = Linear2d if channel_first else nn.Linear
         self.channel_axis = 1 if channel_first else -1
         self.gated = gated
-        self.fc1 = linear(dim, 2 * hidden_dim if gated else hidden_dim)
+        self.fc1 = linear(dim, 2 * hidden_dim if gated else hidden_dim, **dd)
         self.act = act_layer()
-        self.fc2 = linear(hidden_dim, dim)
+        self.fc2 = linear(hidden_dim, dim, **dd)
         self.drop = nn.Dropout(drop) if drop > 0 else nn.Identity()
 
     def forward(self, x):
@@ -273,8 +303,11 @@ class SS2D(nn.Module):
         forward_type="v2",
         channel_first=False,
         core=None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         mode = _parse_forward_type(forward_type)
         core = _default_ss2d_core() if core is None else core
         if core not in SS2D_CORES:
@@ -298,23 +331,24 @@ class SS2D(nn.Module):
         K = self.K
         linear = Linear2d if channel_first else nn.Linear
 
-        self.in_proj = linear(d_model, 2 * d_inner if self.gated else d_inner, bias=bias)
+        self.in_proj = linear(d_model, 2 * d_inner if self.gated else d_inner, bias=bias, **dd)
         self.act = act_layer()
         self.conv2d = nn.Conv2d(d_inner, d_inner, kernel_size=d_conv, padding=(d_conv - 1) // 2,
-                                groups=d_inner, bias=conv_bias) if d_conv > 1 else None
+                                groups=d_inner, bias=conv_bias, **dd) if d_conv > 1 else None
 
         # per-route projections to (dt, B, C) and dt -> d_inner; A = -exp(A_logs); D skip
-        self.x_proj_weight = nn.Parameter(torch.empty(K, dt_rank + 2 * d_state, d_inner))
-        self.dt_projs_weight = nn.Parameter(torch.empty(K, d_inner, dt_rank))
-        self.dt_projs_bias = nn.Parameter(torch.empty(K, d_inner))
-        self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state))
-        self.Ds = nn.Parameter(torch.empty(K * d_inner))
+        self.x_proj_weight = nn.Parameter(torch.empty(K, dt_rank + 2 * d_state, d_inner, **dd))
+        self.dt_projs_weight = nn.Parameter(torch.empty(K, d_inner, dt_rank, **dd))
+        self.dt_projs_bias = nn.Parameter(torch.empty(K, d_inner, **dd))
+        self.A_logs = nn.Parameter(torch.empty(K * d_inner, d_state, **dd))
+        self.Ds = nn.Parameter(torch.empty(K * d_inner, **dd))
         self.A_logs._no_weight_decay = True
         self.Ds._no_weight_decay = True
         self.reset_ssm_parameters(dt_min, dt_max, dt_init_floor)
 
-        self.out_norm = LayerNorm2d(d_inner, matmul_input=True) if channel_first else nn.LayerNorm(d_inner)
-        self.out_proj = linear(d_inner, d_model, bias=bias)
+        # the scan core's output is fp32: this norm computes from it whatever the model's dtype
+        self.out_norm = LayerNorm(d_inner, channel_first=channel_first, matmul_input=True, **dd)
+        self.out_proj = linear(d_inner, d_model, bias=bias, **dd)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @torch.no_grad()
@@ -333,10 +367,9 @@ class SS2D(nn.Module):
 
     def ssm(self, x):
         """x (B, D, H, W) after the depthwise conv -> merged scan output, fp32, in the module's layout."""
-        return ss2d.ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
-                              routes=self.routes, channel_first=self.channel_first,
-                              fp32_scan_inputs=self.fp32_inputs, backend=None if self.core == "auto" else self.core,
-                              check=False)
+        return ss2d_core(x, self.x_proj_weight, self.dt_projs_weight, self.dt_projs_bias, self.A_logs, self.Ds,
+                         routes=self.routes, channel_first=self.channel_first, fp32_scan_inputs=self.fp32_inputs,
+                         backend=None if self.core == "auto" else self.core, check=False)
 
     def core_for(self, x):
         """Which implementation ``ssm`` runs for an input map like x (B, D, H, W): "fused", "unfused" or
@@ -373,7 +406,7 @@ class SS2D(nn.Module):
         return self.dropout(self.out_proj(y))
 
 
-# ============================================================================= block, stage
+# ============================================================================= block, stage, head
 class VSSBlock(nn.Module):
     """x + DropPath(SS2D(norm(x))), then x + DropPath(Mlp(norm2(x))) when mlp_ratio > 0."""
 
@@ -398,23 +431,26 @@ class VSSBlock(nn.Module):
         gmlp=False,
         use_checkpoint=False,
         ss2d_core=None,
+        device=None,
+        dtype=None,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         self.use_checkpoint = use_checkpoint
         if ssm_ratio > 0:
-            self.norm = _norm_before_matmul(norm_layer, hidden_dim)
+            self.norm = _norm_before_matmul(norm_layer, hidden_dim, **dd)
             self.op = SS2D(
                 d_model=hidden_dim, d_state=ssm_d_state, ssm_ratio=ssm_ratio, dt_rank=ssm_dt_rank,
                 act_layer=ssm_act_layer, d_conv=ssm_conv, conv_bias=ssm_conv_bias, dropout=ssm_drop_rate,
-                initialize=ssm_init, forward_type=forward_type, channel_first=channel_first, core=ss2d_core,
+                initialize=ssm_init, forward_type=forward_type, channel_first=channel_first, core=ss2d_core, **dd,
             )
         else:
             self.op = None
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         if mlp_ratio > 0:
-            self.norm2 = _norm_before_matmul(norm_layer, hidden_dim)
+            self.norm2 = _norm_before_matmul(norm_layer, hidden_dim, **dd)
             self.mlp = Mlp(hidden_dim, int(hidden_dim * mlp_ratio), act_layer=mlp_act_layer, drop=mlp_drop_rate,
-                           channel_first=channel_first, gated=gmlp)
+                           channel_first=channel_first, gated=gmlp, **dd)
         else:
             self.mlp = None
 
@@ -432,7 +468,7 @@ class VSSBlock(nn.Module):
 
 
 class VSSStage(nn.Module):
-    """``blocks`` then ``downsample`` (Identity after the last stage)."""
+    """``blocks`` then ``downsample`` (Identity after the last stage); the feature tap is the blocks' output."""
 
     def __init__(self, blocks, downsample):
         super().__init__()
@@ -443,21 +479,45 @@ class VSSStage(nn.Module):
         return self.downsample(self.blocks(x))
 
 
-class ClassifierHead(nn.Module):
-    """norm -> global average pool -> dropout -> Linear (keys ``norm.*``, ``head.*``)."""
+POOL_TYPES = ("avg", "max", "")
 
-    def __init__(self, dim, num_classes, norm_layer, channel_first, drop_rate=0.0):
+
+class ClassifierHead(nn.Module):
+    """norm -> global pool -> dropout -> Linear (keys ``norm.*``, ``head.*``, as the authors' ``classifier``).
+
+    ``global_pool`` "avg" (the published models), "max", or "" (no pooling: the normed map in the model's
+    layout)."""
+
+    def __init__(self, dim, num_classes, norm_layer, channel_first, drop_rate=0.0, global_pool="avg", **dd):
         super().__init__()
         self.channel_first = channel_first
-        self.norm = norm_layer(dim)
+        self.norm = norm_layer(dim, **dd)
         self.drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.global_pool = _check_pool(global_pool)
+        self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+
+    def reset(self, num_classes, global_pool, dim, **dd):
+        """A new head for `num_classes` on `dim` features (and a new pooling unless global_pool is None)."""
+        if global_pool is not None:
+            self.global_pool = _check_pool(global_pool)
+        self.head = nn.Linear(dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
+        self.head.train(self.training)
+        return self.head
 
     def forward(self, x, pre_logits=False):
         x = self.norm(x)
-        x = F.adaptive_avg_pool2d(x if self.channel_first else x.permute(0, 3, 1, 2), 1).flatten(1)
+        if self.global_pool:
+            x_cf = x if self.channel_first else x.permute(0, 3, 1, 2)
+            pool = F.adaptive_avg_pool2d if self.global_pool == "avg" else F.adaptive_max_pool2d
+            x = pool(x_cf, 1).flatten(1)
         x = self.drop(x)
         return x if pre_logits else self.head(x)
+
+
+def _check_pool(global_pool):
+    if global_pool not in POOL_TYPES:
+        raise ValueError(f"unknown global_pool {global_pool!r}; valid: {list(POOL_TYPES)}")
+    return global_pool
 
 
 # ============================================================================= VSSM
@@ -466,6 +526,7 @@ class VSSM(nn.Module):
 
     Unknown ``forward_type``, ``norm_layer``, ``downsample_version``, ``patchembed_version``,
     activation or init names raise ValueError at construction, listing the valid values.
+    ``ss2d_core`` picks SS2D's core implementation in every block (see SS2D).
     """
 
     def __init__(
@@ -496,10 +557,14 @@ class VSSM(nn.Module):
         patchembed_version="v1",
         use_checkpoint=False,
         posembed=False,
+        global_pool="avg",
         ss2d_core=None,
+        device=None,
+        dtype=None,
         **kwargs,
     ):
         super().__init__()
+        dd = {"device": device, "dtype": dtype}
         if posembed:
             raise ValueError("posembed=True is not supported (no published VMamba uses it)")
         unknown = set(kwargs) - {"imgsize"}  # the authors' posembed size, unused without posembed
@@ -511,16 +576,20 @@ class VSSM(nn.Module):
         self.channel_first = norm_layer.lower() in CHANNEL_FIRST_NORMS
         # channel-first activations kept in NHWC storage (see the module docstring); False keeps NCHW
         self.channels_last_memory = self.channel_first
+        self.output_fmt = "NCHW" if self.channel_first else "NHWC"
+        self.in_chans = in_chans
         self.num_classes = num_classes
         self.num_layers = len(depths)
         if isinstance(dims, int):
             dims = [dims * 2 ** i for i in range(self.num_layers)]
         self.dims = list(dims)
-        self.num_features = self.dims[-1]
+        self.num_features = self.head_hidden_size = self.dims[-1]
         self.depths = list(depths)
+        self.feature_info = [dict(num_chs=dim, reduction=patch_size * 2 ** i, module=f"layers.{i}.blocks")
+                             for i, dim in enumerate(self.dims)]
 
         self.patch_embed = make_stem(patchembed_version, in_chans, self.dims[0], patch_size, patch_norm,
-                                     norm_cls, self.channel_first)
+                                     norm_cls, self.channel_first, **dd)
         drop_path_rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
@@ -532,17 +601,18 @@ class VSSM(nn.Module):
                     ssm_conv=ssm_conv, ssm_conv_bias=ssm_conv_bias, ssm_drop_rate=ssm_drop_rate, ssm_init=ssm_init,
                     forward_type=forward_type, mlp_ratio=mlp_ratio, mlp_act_layer=mlp_act,
                     mlp_drop_rate=mlp_drop_rate, gmlp=gmlp, use_checkpoint=use_checkpoint, ss2d_core=ss2d_core,
+                    **dd,
                 )
                 for rate in block_rates
             ]
             downsample = (make_downsample(downsample_version, self.dims[i], self.dims[i + 1], norm_cls,
-                                          self.channel_first)
+                                          self.channel_first, **dd)
                           if i < self.num_layers - 1 else nn.Identity())
             self.layers.append(VSSStage(blocks, downsample))
-        self.classifier = ClassifierHead(self.num_features, num_classes, norm_cls, self.channel_first, drop_rate)
+        self.classifier = ClassifierHead(self.num_features, num_classes, norm_cls, self.channel_first, drop_rate,
+                                         global_pool, **dd)
 
         self.apply(self._init_weights)
-        self.register_load_state_dict_pre_hook(_legacy_keys_hook)
 
     @staticmethod
     def _init_weights(m):
@@ -554,6 +624,7 @@ class VSSM(nn.Module):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
+    # --------------------------------------------------------------------------- timm's model API
     @torch.jit.ignore
     def no_weight_decay(self):
         return set()
@@ -563,25 +634,124 @@ class VSSM(nn.Module):
         """SSM parameters that should not decay (the authors' optimizer decays A_logs and dt_projs_bias)."""
         return {"A_logs", "Ds", "dt_projs_bias"}
 
+    @torch.jit.ignore
+    def group_matcher(self, coarse=False):
+        """Parameter groups in depth order (layer-wise lr decay): the stem, each block, each stage's downsample
+        after its blocks, the classifier's norm last."""
+        return dict(
+            stem=r"^patch_embed",
+            blocks=r"^layers\.(\d+)" if coarse else [
+                (r"^layers\.(\d+)\.blocks\.(\d+)", None),
+                (r"^layers\.(\d+)\.downsample", (99999,)),
+                (r"^classifier\.norm", (99999,)),
+            ],
+        )
+
+    @torch.jit.ignore
     def set_grad_checkpointing(self, enable=True):
         for m in self.modules():
             if isinstance(m, VSSBlock):
                 m.use_checkpoint = enable
 
+    @torch.jit.ignore
     def get_classifier(self):
         return self.classifier.head
 
-    def reset_classifier(self, num_classes):
+    def reset_classifier(self, num_classes, global_pool=None):
         self.num_classes = num_classes
-        head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
-        self.classifier.head = head.to(self.classifier.norm.weight.device)
-        self._init_weights(self.classifier.head)
+        weight = self.patch_embed[0].weight  # the head goes where the model is, in its dtype
+        head = self.classifier.reset(num_classes, global_pool, self.num_features, device=weight.device,
+                                     dtype=weight.dtype)
+        if num_classes > 0:
+            self._init_weights(head)
+
+    def filter_checkpoint(self, state_dict):
+        """This model's keys from any checkpoint layout it loads (checkpoint_filter_fn); load_pretrained calls it."""
+        return checkpoint_filter_fn(state_dict, self)
+
+    def load_pretrained(self, source, key=None, strict=True):
+        """Weights from a path (.pth or .safetensors), a checkpoint dict or a state_dict in any layout
+        checkpoint_filter_fn maps, the authors' release files included (``key`` picks e.g. "model_ema" over the
+        default "model"); a classifier head of another width stays at its initialisation. This is what timm's
+        ``pretrained=True`` calls for this family (``custom_load``: the authors' files pickle their yacs config,
+        which timm's weights-only reader refuses), after timm has resolved and cached the file. Returns a
+        checkpoint.LoadReport."""
+        return load_pretrained(self, source, key=key, strict=strict, new_head_prefixes=("classifier.head.",))
+
+    def _check_input(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"{type(self).__name__} expects a tensor of images, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(f"{type(self).__name__} expects images (B, {self.in_chans}, H, W), got a tensor of "
+                             f"shape {tuple(x.shape)}")
+        weight = self.patch_embed[0].weight
+        if x.dtype != weight.dtype and _autocast_dtype(x.device.type) is None:
+            raise TypeError(f"the input is {x.dtype} but the model's weights are {weight.dtype}: convert one of "
+                            f"them (model.to(dtype) / x.to(dtype)) or run under torch.autocast")
+        if x.device != weight.device:
+            raise ValueError(f"the input is on {x.device} but the model is on {weight.device}")
 
     def forward_stem(self, x):
+        if not (isinstance(x, torch.fx.Proxy) or torch.jit.is_tracing() or torch.compiler.is_compiling()):
+            self._check_input(x)
         if self.channels_last_memory:
             # before the stem, so its convolutions and norms already run on channels-last storage
             x = x.contiguous(memory_format=torch.channels_last)
         return self.patch_embed(x)
+
+    def _format(self, x, output_fmt):
+        """A map in the model's layout -> the output_fmt view (no copy)."""
+        if output_fmt == self.output_fmt:
+            return x
+        return x.permute(0, 3, 1, 2) if output_fmt == "NCHW" else x.permute(0, 2, 3, 1)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: Optional[Union[int, List[int]]] = None,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
+        """Features of the stages in ``indices`` (the last n if an int, all if None), each the output of the
+        stage's blocks before its downsample (strides 4 / 8 / 16 / 32), as views in ``output_fmt`` ("NCHW" or
+        "NHWC"). ``norm`` applies the classifier's norm to the last stage's feature; ``stop_early`` skips the
+        stages after the last one asked for. Returns the intermediates, or (final features, intermediates)."""
+        if output_fmt not in ("NCHW", "NHWC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NHWC', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        last_index = len(self.layers) - 1
+        stages = self.layers[:max_index + 1] if stop_early else self.layers
+        intermediates = []
+        x = self.forward_stem(x)
+        for i, stage in enumerate(stages):
+            x = stage.blocks(x)
+            if i in take_indices:
+                feature = self.classifier.norm(x) if norm and i == last_index else x
+                intermediates.append(self._format(feature, output_fmt))
+            if not (stop_early and i == max_index):
+                x = stage.downsample(x)
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        """Keep the stages up to the last of ``indices`` (its downsample dropped, so the features end at the tap);
+        ``prune_norm`` drops the classifier's norm (also dropped when the features no longer reach the last stage,
+        which it is sized for), ``prune_head`` the classifier and its pooling. Returns the absolute indices."""
+        take_indices, max_index = feature_take_indices(len(self.layers), indices)
+        prune_end = max_index < len(self.layers) - 1
+        self.layers = self.layers[:max_index + 1]
+        self.layers[-1].downsample = nn.Identity()
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.dims[max_index]
+        if prune_norm or prune_end:
+            self.classifier.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
 
     def forward_features(self, x):
         x = self.forward_stem(x)
@@ -589,47 +759,19 @@ class VSSM(nn.Module):
             x = layer(x)
         return x
 
-    def forward_head(self, x, pre_logits=False):
+    def forward_head(self, x, pre_logits: bool = False):
         return self.classifier(x, pre_logits=pre_logits)
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
 
 
-# ============================================================================= legacy checkpoint names
-_LEGACY_PREFIXES = (("patch_embed.proj.", "patch_embed.0."), ("patch_embed.norm.", "patch_embed.2."),
-                    ("norm.", "classifier.norm."), ("head.", "classifier.head."))
-
-
-def rename_legacy_keys(state_dict, prefix=""):
-    """Early VMamba checkpoints (v0) used ``ln_1``/``self_attention``/top-level ``norm``/``head``;
-    rename those in place to the current names (no-op for current checkpoints)."""
-    for key in list(state_dict):
-        if not key.startswith(prefix):
-            continue
-        name = key[len(prefix):]
-        new = name.replace(".ln_1.", ".norm.").replace(".self_attention.", ".op.")
-        for old_start, new_start in _LEGACY_PREFIXES:
-            if new.startswith(old_start):
-                new = new_start + new[len(old_start):]
-                break
-        if new != name:
-            state_dict[prefix + new] = state_dict.pop(key)
-    return state_dict
-
-
-def _legacy_keys_hook(module, state_dict, prefix, *args):
-    if any(".ln_1." in k or ".self_attention." in k or k.startswith(prefix + "patch_embed.proj.")
-           for k in state_dict):
-        rename_legacy_keys(state_dict, prefix)
-
-
 # ============================================================================= backbone
 class Backbone_VSSM(VSSM):
-    """VSSM without the classifier, for detection / segmentation.
+    """VSSM without the classifier, for detection / segmentation (the authors' key layout).
 
-    Returns a list of contiguous (NCHW) maps, one per ``out_indices`` stage (strides 4/8/16/32), each
-    taken before that stage's downsample and normalised by ``outnorm{i}``. ``pretrained``: a
+    Returns a list of contiguous (NCHW) maps, one per ``out_indices`` stage (strides 4/8/16/32): the
+    stage's ``forward_intermediates`` feature normalised by ``outnorm{i}``. ``pretrained``: a
     classification checkpoint (path or dict); its classifier keys are ignored, every other
     difference is reported; a missing file is an error.
     """
@@ -637,116 +779,185 @@ class Backbone_VSSM(VSSM):
     def __init__(self, out_indices=(0, 1, 2, 3), pretrained=None, norm_layer="ln", **kwargs):
         super().__init__(norm_layer=norm_layer, **kwargs)
         norm_cls = NORM_LAYERS[norm_layer.lower()]
+        dd = {"device": kwargs.get("device"), "dtype": kwargs.get("dtype")}
         self.out_indices = tuple(out_indices)
         for i in self.out_indices:
-            self.add_module(f"outnorm{i}", norm_cls(self.dims[i]))
+            self.add_module(f"outnorm{i}", norm_cls(self.dims[i], **dd))
         del self.classifier
         self.load_report = self.load_pretrained(pretrained) if pretrained is not None else None
 
-    def load_pretrained(self, source, key=None):
-        from .checkpoint import load_pretrained
-        return load_pretrained(self, source, key=key, strict=False, ignore_prefixes=("classifier.",),
+    def load_pretrained(self, source, key=None, strict=False):
+        return load_pretrained(self, source, key=key, strict=strict, ignore_prefixes=("classifier.",),
                                expected_missing_prefixes=("outnorm",))
 
     def forward(self, x):
-        x = self.forward_stem(x)
+        if not self.out_indices:
+            return self.forward_features(x)
+        features = self.forward_intermediates(x, indices=list(self.out_indices), stop_early=True,
+                                              output_fmt=self.output_fmt, intermediates_only=True)
         outs = []
-        for i, layer in enumerate(self.layers):
-            x = layer.blocks(x)
-            if i in self.out_indices:
-                out = getattr(self, f"outnorm{i}")(x)
-                out = out if self.channel_first else out.permute(0, 3, 1, 2)
-                # Standard NCHW memory: mmcv's RoIAlign (and other ops that index data_ptr directly)
-                # read channels-last storage as if it were NCHW and return scrambled features.
-                outs.append(out.contiguous())
-            x = layer.downsample(x)
-        return outs if self.out_indices else x
+        for i, feature in zip(self.out_indices, features):
+            out = self._format(getattr(self, f"outnorm{i}")(feature), "NCHW")
+            # Standard NCHW memory: mmcv's RoIAlign (and other ops that index data_ptr directly)
+            # read channels-last storage as if it were NCHW and return scrambled features.
+            outs.append(out.contiguous())
+        return outs
+
+
+# ============================================================================= checkpoints
+# The authors' earlier names: block norm ``ln_1``, mixer ``self_attention``, stem ``patch_embed.proj/norm``, and a
+# top-level ``norm`` / ``head`` (Vanilla VMamba releases).
+_LEGACY_NAMES = ((re.compile(r"\.ln_1\."), ".norm."), (re.compile(r"\.self_attention\."), ".op."),
+                 (re.compile(r"^patch_embed\.proj\."), "patch_embed.0."),
+                 (re.compile(r"^patch_embed\.norm\."), "patch_embed.2."),
+                 (re.compile(r"^norm\."), "classifier.norm."), (re.compile(r"^head\."), "classifier.head."))
+
+
+def checkpoint_filter_fn(state_dict, model):
+    """A checkpoint in any layout the authors released (a ``{"model": ..., "model_ema": ...}`` file or a bare
+    state_dict, a DDP ``module.`` prefix, an mmengine ``backbone.`` prefix, the legacy key names above) -> the
+    keys of ``model``; the first convolution is adapted when the model has other input channels. This is the
+    one place checkpoint keys are renamed."""
+    from timm.models import adapt_input_conv
+
+    state_dict, _ = load_state_dict_from(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        for pattern, replacement in _LEGACY_NAMES:
+            key = pattern.sub(replacement, key)
+        out[key] = value
+    stem = "patch_embed.0.weight"
+    own = model.state_dict()
+    if stem in out and stem in own and out[stem].shape[1] != own[stem].shape[1]:
+        out[stem] = adapt_input_conv(own[stem].shape[1], out[stem])
+    return out
 
 
 # ============================================================================= published models
-_V2_DEFAULTS = dict(
+_RELEASES = "https://github.com/MzeroMiko/VMamba/releases/download/"
+
+
+def _cfg(url="", **kwargs):
+    return {
+        "url": url, "custom_load": bool(url), "num_classes": 1000, "input_size": (3, 224, 224),
+        "pool_size": (7, 7), "crop_pct": 0.875, "interpolation": "bicubic", "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "patch_embed.0", "classifier": "classifier.head",
+        "license": "mit", "paper_ids": "arXiv:2401.10166", "paper_name": "VMamba: Visual State Space Model",
+        "origin_url": "https://github.com/MzeroMiko/VMamba", **kwargs,
+    }
+
+
+# One entry per checkpoint the authors released (their README's ImageNet-1K table: #v2cls and #v0cls assets).
+default_cfgs = generate_default_cfgs({
+    "vmamba_tiny_s1l8.in1k": _cfg(_RELEASES + "%23v2cls/vssm1_tiny_0230s_ckpt_epoch_264.pth"),
+    "vmamba_small_s2l15.in1k": _cfg(_RELEASES + "%23v2cls/vssm_small_0229_ckpt_epoch_222.pth"),
+    "vmamba_base_s2l15.in1k": _cfg(_RELEASES + "%23v2cls/vssm_base_0229_ckpt_epoch_237.pth"),
+    "vmamba_tiny_s2l5.in1k": _cfg(_RELEASES + "%23v2cls/vssm_tiny_0230_ckpt_epoch_262.pth"),
+    "vmamba_small_s1l20.in1k": _cfg(_RELEASES + "%23v2cls/vssm1_small_0229s_ckpt_epoch_240.pth"),
+    "vmamba_base_s1l20.in1k": _cfg(_RELEASES + "%23v2cls/vssm1_base_0229s_ckpt_epoch_225.pth"),
+    "vanilla_vmamba_tiny.in1k": _cfg(_RELEASES + "%23v0cls/vssmtiny_dp01_ckpt_epoch_292.pth"),
+    "vanilla_vmamba_small.in1k": _cfg(_RELEASES + "%23v0cls/vssmsmall_dp03_ckpt_epoch_238.pth"),
+    "vanilla_vmamba_base.in1k": _cfg(_RELEASES + "%23v0cls/vssmbase_dp06_ckpt_epoch_241.pth"),
+    "test_vmamba": _cfg(input_size=(3, 160, 160), pool_size=(5, 5), test_input_size=(3, 192, 192)),
+})
+
+
+def _create_vmamba(variant, pretrained=False, **kwargs):
+    overlay = dict(kwargs.pop("pretrained_cfg_overlay", None) or {})
+    if isinstance(pretrained, (str, os.PathLike)):  # a local file, named the timm way
+        overlay["file"], pretrained = os.fspath(pretrained), True
+    if overlay.get("file") or overlay.get("url"):
+        # timm's weights-only reader refuses the authors' files (they pickle their yacs config): VSSM.load_pretrained
+        # reads any checkpoint file, so it loads a file or URL given here as it loads the registered releases
+        overlay.setdefault("custom_load", True)
+    return build_model_with_cfg(
+        VSSM, variant, pretrained,
+        pretrained_cfg_overlay=overlay,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), feature_cls="getter"),
+        **kwargs,
+    )
+
+
+_V2_ARGS = dict(
     ssm_d_state=1, ssm_dt_rank="auto", ssm_act_layer="silu", ssm_conv=3, ssm_conv_bias=False,
     ssm_drop_rate=0.0, ssm_init="v0", forward_type="v05_noz", mlp_ratio=4.0, mlp_act_layer="gelu",
     mlp_drop_rate=0.0, gmlp=False, patch_norm=True, norm_layer="ln2d", downsample_version="v3",
     patchembed_version="v2",
 )
-_V0_DEFAULTS = dict(
+_V0_ARGS = dict(
     ssm_d_state=16, ssm_ratio=2.0, ssm_dt_rank="auto", ssm_act_layer="silu", ssm_conv=3, ssm_conv_bias=True,
     ssm_drop_rate=0.0, ssm_init="v0", forward_type="v0", mlp_ratio=0.0, patch_norm=True, norm_layer="ln",
     downsample_version="v1", patchembed_version="v1",
 )
 
 
-def _create_vssm(defaults, pretrained=False, **kwargs):
-    for timm_only in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(timm_only, None)
-    model = VSSM(**{**defaults, **kwargs})
-    if pretrained:
-        if pretrained is True:
-            raise ValueError("no download URLs are known: pass pretrained=<path to a checkpoint>")
-        from .checkpoint import load_pretrained
-        load_pretrained(model, pretrained)
-    return model
-
-
 @register_model
 def vmamba_tiny_s1l8(pretrained=False, **kwargs):
     """VMamba-T [s1l8] (vmambav2v_tiny_224): 30.2M params, 4.9 GFLOPs, 82.6 top-1."""
-    return _create_vssm({**_V2_DEFAULTS, "dims": 96, "depths": (2, 2, 8, 2), "ssm_ratio": 1.0,
-                         "drop_path_rate": 0.2}, pretrained, **kwargs)
+    args = dict(_V2_ARGS, dims=96, depths=(2, 2, 8, 2), ssm_ratio=1.0, drop_path_rate=0.2)
+    return _create_vmamba("vmamba_tiny_s1l8", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vmamba_small_s2l15(pretrained=False, **kwargs):
     """VMamba-S [s2l15] (vmambav2_small_224): 50.1M params, 8.7 GFLOPs, 83.6 top-1."""
-    return _create_vssm({**_V2_DEFAULTS, "dims": 96, "depths": (2, 2, 15, 2), "ssm_ratio": 2.0,
-                         "drop_path_rate": 0.3}, pretrained, **kwargs)
+    args = dict(_V2_ARGS, dims=96, depths=(2, 2, 15, 2), ssm_ratio=2.0, drop_path_rate=0.3)
+    return _create_vmamba("vmamba_small_s2l15", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vmamba_base_s2l15(pretrained=False, **kwargs):
     """VMamba-B [s2l15] (vmambav2_base_224): 88.6M params, 15.4 GFLOPs, 83.9 top-1."""
-    return _create_vssm({**_V2_DEFAULTS, "dims": 128, "depths": (2, 2, 15, 2), "ssm_ratio": 2.0,
-                         "drop_path_rate": 0.6}, pretrained, **kwargs)
+    args = dict(_V2_ARGS, dims=128, depths=(2, 2, 15, 2), ssm_ratio=2.0, drop_path_rate=0.6)
+    return _create_vmamba("vmamba_base_s2l15", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vmamba_tiny_s2l5(pretrained=False, **kwargs):
     """VMamba-T [s2l5] (vmambav2_tiny_224): 30.7M params, 4.9 GFLOPs, 82.5 top-1."""
-    return _create_vssm({**_V2_DEFAULTS, "dims": 96, "depths": (2, 2, 5, 2), "ssm_ratio": 2.0,
-                         "drop_path_rate": 0.2}, pretrained, **kwargs)
+    args = dict(_V2_ARGS, dims=96, depths=(2, 2, 5, 2), ssm_ratio=2.0, drop_path_rate=0.2)
+    return _create_vmamba("vmamba_tiny_s2l5", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vmamba_small_s1l20(pretrained=False, **kwargs):
     """VMamba-S [s1l20] (vmambav2v_small_224): 49.0M params, 8.6 GFLOPs, 83.3 top-1."""
-    return _create_vssm({**_V2_DEFAULTS, "dims": 96, "depths": (2, 2, 20, 2), "ssm_ratio": 1.0,
-                         "drop_path_rate": 0.3}, pretrained, **kwargs)
+    args = dict(_V2_ARGS, dims=96, depths=(2, 2, 20, 2), ssm_ratio=1.0, drop_path_rate=0.3)
+    return _create_vmamba("vmamba_small_s1l20", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vmamba_base_s1l20(pretrained=False, **kwargs):
     """VMamba-B [s1l20] (vmambav2v_base_224): 86.6M params, 15.2 GFLOPs, 83.8 top-1."""
-    return _create_vssm({**_V2_DEFAULTS, "dims": 128, "depths": (2, 2, 20, 2), "ssm_ratio": 1.0,
-                         "drop_path_rate": 0.5}, pretrained, **kwargs)
+    args = dict(_V2_ARGS, dims=128, depths=(2, 2, 20, 2), ssm_ratio=1.0, drop_path_rate=0.5)
+    return _create_vmamba("vmamba_base_s1l20", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vanilla_vmamba_tiny(pretrained=False, **kwargs):
     """Vanilla VMamba-T (vmambav0_tiny_224): 22.9M params, 5.6 GFLOPs, 82.2 top-1."""
-    return _create_vssm({**_V0_DEFAULTS, "dims": 96, "depths": (2, 2, 9, 2), "drop_path_rate": 0.2},
-                        pretrained, **kwargs)
+    args = dict(_V0_ARGS, dims=96, depths=(2, 2, 9, 2), drop_path_rate=0.2)
+    return _create_vmamba("vanilla_vmamba_tiny", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vanilla_vmamba_small(pretrained=False, **kwargs):
     """Vanilla VMamba-S (vmambav0_small_224): 44.4M params, 11.2 GFLOPs, 83.5 top-1."""
-    return _create_vssm({**_V0_DEFAULTS, "dims": 96, "depths": (2, 2, 27, 2), "drop_path_rate": 0.3},
-                        pretrained, **kwargs)
+    args = dict(_V0_ARGS, dims=96, depths=(2, 2, 27, 2), drop_path_rate=0.3)
+    return _create_vmamba("vanilla_vmamba_small", pretrained, **dict(args, **kwargs))
 
 
 @register_model
 def vanilla_vmamba_base(pretrained=False, **kwargs):
     """Vanilla VMamba-B (vmambav0_base_224): 76.3M params, 18.0 GFLOPs, 83.7 top-1."""
-    return _create_vssm({**_V0_DEFAULTS, "dims": 128, "depths": (2, 2, 27, 2), "drop_path_rate": 0.5},
-                        pretrained, **kwargs)
+    args = dict(_V0_ARGS, dims=128, depths=(2, 2, 27, 2), drop_path_rate=0.5)
+    return _create_vmamba("vanilla_vmamba_base", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_vmamba(pretrained=False, **kwargs):
+    """A tiny v2-style VMamba for fast tests (no released weights)."""
+    args = dict(_V2_ARGS, dims=(16, 32, 48, 64), depths=(1, 1, 2, 1), ssm_ratio=1.0, mlp_ratio=2.0,
+                drop_path_rate=0.0)
+    return _create_vmamba("test_vmamba", pretrained, **dict(args, **kwargs))

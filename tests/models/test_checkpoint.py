@@ -91,7 +91,7 @@ def test_linear2d_loads_conv_shaped_weight():
     load_pretrained(tiny(), sd)
 
 
-def test_legacy_v0_names_load_strict():
+def test_legacy_v0_names_load_strict_through_load_pretrained():
     model = tiny_v0()
     legacy = {}
     for k, v in model.state_dict().items():
@@ -101,7 +101,7 @@ def test_legacy_v0_names_load_strict():
         legacy[k] = v
     assert "layers.0.blocks.0.ln_1.weight" in legacy and "head.weight" in legacy
     fresh = tiny_v0()
-    fresh.load_state_dict(legacy, strict=True)
+    assert load_pretrained(fresh, legacy).ok  # strict: checkpoint_filter_fn maps every legacy name
     for (name, a), b in zip(fresh.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -30,9 +30,9 @@ MAX_CHANNELS = 1024
 
 
 # fixed at import; a constant keeps the dispatch rule traceable by dynamo
-_CUDA_OPS = ops.dispatcher_ops_loaded("selective_scan_ln")
+_CUDA_OPS = ops.extension_built()
 
-if _CUDA_OPS:
+if ops.dispatcher_ops_loaded("selective_scan_ln"):
     @torch.library.register_fake("selective_scan_ln::fwd")
     def _fwd_fake(x, weight, bias, eps, out_dtype):
         rows = x.numel() // x.shape[-1]
@@ -93,6 +93,9 @@ def layer_norm(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps:
     out_dtype = out_dtype or x.dtype
     if not kernel_takes(x, weight, bias, channel_first):
         rows = _rows(x, channel_first)
+        if weight is not None and weight.dtype != rows.dtype:
+            # e.g. the fp32 output of SS2D's core in a model converted to fp16 / bf16: normalise in fp32
+            rows, weight, bias = rows.float(), weight.float(), None if bias is None else bias.float()
         return _from_rows(F.layer_norm(rows, rows.shape[-1:], weight, bias, eps).to(out_dtype), channel_first)
     if torch.is_grad_enabled():
         return _LayerNorm.apply(x, weight, bias, eps, out_dtype, channel_first)
