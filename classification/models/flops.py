@@ -1,4 +1,4 @@
-"""FLOPs and parameter counts the way VMamba reports them (fvcore; SPEC section 1 / 6).
+"""FLOPs and parameter counts the way VMamba reports them (fvcore, as the authors' README and paper count them).
 
 fvcore counts one multiply-add as one FLOP for matmuls, convolutions and einsums, and counts norms
 and pooling with its default rules. The selective scan is counted by the rule of mamba issue #110

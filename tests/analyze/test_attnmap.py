@@ -11,7 +11,7 @@ from selective_scan import selective_scan_ref
 
 
 def _random_scan(channels, states, length, generator, dt_scale=0.5):
-    """Reference-test style inputs (SPEC section 1), in float64."""
+    """Inputs in the style of mamba's selective-scan reference test, in float64."""
     def rand(*shape):
         return torch.rand(*shape, generator=generator, dtype=torch.float64)
 

@@ -1,5 +1,6 @@
-"""Cross-scan / cross-merge: the route definitions of SPEC section 2, adjointness, autograd, and the
-Triton kernels (run by the Triton interpreter on CPU) against the torch implementation."""
+"""Cross-scan / cross-merge: the paper's four routes (row-major, column-major and their reverses),
+adjointness, autograd, and the Triton kernels (run by the Triton interpreter on CPU) against the torch
+implementation."""
 import textwrap
 
 import pytest
@@ -8,8 +9,8 @@ import torch
 from selective_scan.cross_scan import ROUTE_SETS, cross_merge, cross_scan
 
 
-def spec_route_orders(routes, H, W):
-    """Route k's visiting order as flat row-major indices, written straight from the spec."""
+def route_orders(routes, H, W):
+    """Route k's visiting order as flat row-major indices, written straight from the route definitions."""
     row_major = torch.arange(H * W)
     col_major = torch.arange(H * W).view(H, W).t().reshape(-1)  # position w*H + h holds h*W + w
     per_route = {
@@ -27,13 +28,13 @@ def make_map(B, C, H, W, channel_first, dtype=torch.float64):
 
 @pytest.mark.parametrize("routes", sorted(ROUTE_SETS))
 @pytest.mark.parametrize("channel_first", [True, False])
-def test_scan_matches_spec_orders(routes, channel_first):
+def test_scan_follows_the_route_orders(routes, channel_first):
     B, C, H, W = 2, 3, 5, 7  # H != W catches row/column mix-ups
     x = make_map(B, C, H, W, channel_first)
     xs = cross_scan(x, channel_first=channel_first, routes=routes, backend="torch")
     assert xs.shape == (B, 4, C, H * W)
     x_flat = (x if channel_first else x.permute(0, 3, 1, 2)).reshape(B, C, H * W)
-    for k, order in enumerate(spec_route_orders(routes, H, W)):
+    for k, order in enumerate(route_orders(routes, H, W)):
         torch.testing.assert_close(xs[:, k], x_flat[:, :, order], rtol=0, atol=0)
 
 

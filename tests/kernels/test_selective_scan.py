@@ -12,7 +12,8 @@ from selective_scan.torch_scan import CHUNK, chunk_length, linear_scan_time_majo
 
 def make_inputs(batch, channels, length, d_state, groups, delta_rows=None, bias_len=None, dtype=torch.float64,
                 with_D=True, seed=0):
-    """Reference inputs of SPEC section 1 (A = -0.5 rand, delta = 0.5 rand, bias = 0.5 rand, rest randn)."""
+    """Inputs as in mamba's selective-scan reference test (A = -0.5 rand, delta = 0.5 rand, bias = 0.5 rand,
+    rest randn)."""
     g = torch.Generator().manual_seed(seed)
     delta_rows = delta_rows or channels
     u = torch.randn(batch, channels, length, generator=g, dtype=dtype)
@@ -71,7 +72,7 @@ def test_torch_path_matches_loop_float64(case):
     (torch.bfloat16, False, (3e-2, 5e-2)),
     (torch.bfloat16, True, (6e-4, 2e-3)),
 ])
-def test_low_precision_inputs_match_float64_at_spec_tolerance(dtype, out_float, tol):
+def test_low_precision_inputs_match_float64_at_the_scan_tolerance(dtype, out_float, tol):
     inputs64 = make_inputs(2, 8, 200, 2, 4, bias_len=8)
     u, delta, B, C = (t.to(dtype) for t in (inputs64[0], inputs64[1], inputs64[3], inputs64[4]))
     A, D, bias = (t.float() for t in (inputs64[2], inputs64[5], inputs64[6]))

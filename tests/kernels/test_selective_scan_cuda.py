@@ -1,6 +1,7 @@
-"""GPU tests: the CUDA kernel against the torch path, forward and every gradient, at the tolerances of
-SPEC section 1. The reference runs the torch path on the same GPU in float64 from the same (rounded)
-inputs, so the tolerance measures the kernel's error alone. Skipped without a GPU."""
+"""GPU tests: the CUDA kernel against the torch path, forward and every gradient, at the selective
+scan's tolerances (those of mamba's reference test). The reference runs the torch path on the same GPU
+in float64 from the same (rounded) inputs, so the tolerance measures the kernel's error alone. Skipped
+without a GPU."""
 
 import zlib
 

@@ -1,5 +1,5 @@
-"""FLOP counting: the scan rule of SPEC section 1 is applied per SS2D, VMamba-T matches the paper's
-GFLOPs, and the analyze/flops.py CLI prints params and GFLOPs as JSON on its last line."""
+"""FLOP counting: the scan rule of mamba issue #110 (VMamba's) is applied per SS2D, VMamba-T matches the
+paper's GFLOPs, and the analyze/flops.py CLI prints params and GFLOPs as JSON on its last line."""
 import json
 import math
 import pathlib
@@ -17,7 +17,7 @@ from classification.models.flops import count_flops, count_params, flop_handlers
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
-def test_scan_counted_by_spec_rule():
+def test_scan_counted_by_the_mamba_rule():
     dims, depths, N, ratio = 8, (1, 1, 2, 1), 2, 2.0
     model = VSSM(dims=dims, depths=depths, ssm_d_state=N, ssm_ratio=ratio, forward_type="v05_noz",
                  norm_layer="ln2d", downsample_version="v3", patchembed_version="v2", num_classes=3).eval()

@@ -1,4 +1,4 @@
-"""VMamba models: state-dict layout and parameter counts of SPEC section 3, layouts, odd input sizes,
+"""VMamba models: the state-dict layout and parameter counts of the authors' release, layouts, odd input sizes,
 construction errors, builders, timm registration and build_model with the shipped yaml configs."""
 import math
 import pathlib
@@ -13,7 +13,7 @@ from classification.models import VSSM, Backbone_VSSM, build_model
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "classification" / "configs" / "vssm"
 
-# SPEC section 3.2: builder, yaml, exact parameter count (1000 classes)
+# builder, the authors' yaml, exact parameter count (1000 classes; the authors' counting, head included)
 PUBLISHED = [
     ("vmamba_tiny_s1l8", "vmambav2v_tiny_224", 30_249_064),
     ("vmamba_small_s2l15", "vmambav2_small_224", 50_147_752),
@@ -27,8 +27,8 @@ PUBLISHED = [
 ]
 
 
-def spec_state_dict_shapes(v0, dim=96, depths=(2, 2, 8, 2), ssm_ratio=1.0, num_classes=1000):
-    """The key -> shape table of SPEC section 3.3, built from its rules (not from our code)."""
+def release_state_dict_shapes(v0, dim=96, depths=(2, 2, 8, 2), ssm_ratio=1.0, num_classes=1000):
+    """The key -> shape table of the authors' release files, built from their layout rules (not from our code)."""
     dims = [dim * 2 ** i for i in range(4)]
     N, K = (16, 4) if v0 else (1, 4)
     s = {}
@@ -73,20 +73,20 @@ def shapes(model):
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
-def test_vmamba_tiny_state_dict_equals_spec():
+def test_vmamba_tiny_state_dict_equals_the_release_layout():
     with torch.device("meta"):
         model = models.vmamba_tiny_s1l8()
-    expected = spec_state_dict_shapes(v0=False)
+    expected = release_state_dict_shapes(v0=False)
     assert len(expected) == 276
     assert shapes(model) == expected
-    # SPEC's stage-0 example
+    # stage 0 of the VMamba-T release file
     assert expected["layers.0.blocks.0.op.x_proj_weight"] == (4, 8, 96)
 
 
-def test_vanilla_vmamba_tiny_state_dict_equals_spec():
+def test_vanilla_vmamba_tiny_state_dict_equals_the_release_layout():
     with torch.device("meta"):
         model = models.vanilla_vmamba_tiny()
-    assert shapes(model) == spec_state_dict_shapes(v0=True, depths=(2, 2, 9, 2), ssm_ratio=2.0)
+    assert shapes(model) == release_state_dict_shapes(v0=True, depths=(2, 2, 9, 2), ssm_ratio=2.0)
 
 
 @pytest.mark.parametrize("builder,config_name,expected", PUBLISHED, ids=[p[0] for p in PUBLISHED])
@@ -219,7 +219,7 @@ def test_v0_forward_type_requires_channel_last():
         VSSM(**tiny_kwargs("ln2d", forward_type="v0"))
 
 
-def test_ssm_init_follows_spec():
+def test_ssm_init_follows_mamba():
     model = VSSM(**tiny_kwargs())
     op = model.layers[1].blocks[0].op  # C = 16, D = 16, R = 1, N = 1
     dt = torch.nn.functional.softplus(op.dt_projs_bias)
