@@ -78,6 +78,7 @@ _C.TRAIN.WARMUP_LR = 5e-7
 _C.TRAIN.MIN_LR = 5e-6
 _C.TRAIN.CLIP_GRAD = 5.0
 _C.TRAIN.AUTO_RESUME = True
+_C.TRAIN.COMPILE = ""               # torch.compile mode for the training/evaluation model ("default", ...); "" = eager
 _C.TRAIN.ACCUMULATION_STEPS = 1
 _C.TRAIN.USE_CHECKPOINT = False
 # The official optimizer ends up decaying A_logs and dt_projs_bias; True reproduces that.

@@ -32,6 +32,7 @@ from classification.utils import (CheckpointError, GradientUpdate, NonFiniteGuar
 
 AMP_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 HEAD_PREFIXES = ("classifier.head.", "head.", "fc.")  # VSSM; Swin, ConvNeXt, MambaOut; ResNet
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def str2bool(value):
@@ -55,6 +56,8 @@ def parse_option(argv=None):
     parser.add_argument("--resume", help="checkpoint to resume from (default: the latest under --output)")
     parser.add_argument("--accumulation-steps", type=int, help="gradient accumulation steps")
     parser.add_argument("--use-checkpoint", action="store_true", help="gradient checkpointing to save memory")
+    parser.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES,
+                        help="torch.compile the model (mode; default 'default'); TRAIN.COMPILE in the config")
     parser.add_argument("--disable_amp", "--disable-amp", action="store_true", help="train in fp32")
     parser.add_argument("--amp-dtype", choices=sorted(AMP_DTYPES), help="autocast dtype on CUDA")
     parser.add_argument("--output", default="output", metavar="PATH",
@@ -73,7 +76,8 @@ def parse_option(argv=None):
     overrides = {
         "DATA.BATCH_SIZE": args.batch_size, "DATA.DATA_PATH": args.data_path, "DATA.CACHE_MODE": args.cache_mode,
         "MODEL.PRETRAINED": args.pretrained, "MODEL.RESUME": args.resume,
-        "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps, "AMP_DTYPE": args.amp_dtype, "TAG": args.tag,
+        "TRAIN.ACCUMULATION_STEPS": args.accumulation_steps, "TRAIN.COMPILE": args.compile,
+        "AMP_DTYPE": args.amp_dtype, "TAG": args.tag,
         "MODEL_EMA": args.model_ema, "MODEL_EMA_DECAY": args.model_ema_decay,
     }
     for key, value in overrides.items():
@@ -390,6 +394,14 @@ def main(argv=None):
     if world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[local_rank] if device.type == "cuda" else None)
+    if config.TRAIN.COMPILE:
+        if config.TRAIN.COMPILE not in COMPILE_MODES:
+            raise ValueError(f"TRAIN.COMPILE {config.TRAIN.COMPILE!r} is not a torch.compile mode; valid: "
+                             f"{list(COMPILE_MODES)} or '' (eager)")
+        # the compiled module shares its parameters with model_without_ddp, which checkpoints and the EMA use
+        model = torch.compile(model, mode=config.TRAIN.COMPILE)
+        logger.info(f"torch.compile(mode={config.TRAIN.COMPILE!r}): the first steps of training and of evaluation "
+                    "compile the model")
     grad_update = GradientUpdate(use_grad_scaler=device.type == "cuda" and config.AMP_ENABLE
                                  and config.AMP_DTYPE == "fp16")
     accumulation = config.TRAIN.ACCUMULATION_STEPS

@@ -196,6 +196,23 @@ def test_gradient_accumulation_updates_every_second_step(tiny_data, tmp_path):
         "8 batches of 2, accumulated in pairs: 4 optimizer updates"
 
 
+@pytest.mark.slow
+def test_compiled_training_matches_eager(tiny_data, tmp_path):
+    """--compile trains the torch.compile'd model (checkpoints and EMA from the uncompiled one it shares its
+    parameters with): one epoch ends where the eager run does, up to compiled-kernel rounding."""
+    losses = {}
+    for name, flags in (("eager", []), ("compiled", ["--compile"])):
+        output = tmp_path / name
+        trainer.main(train_args(tiny_data, output, 1, 4, "MODEL.DROP_PATH_RATE", "0.0", flags=flags))
+        log = log_text(output)
+        losses[name] = [float(v) for v in re.findall(r"loss ([\d.]+) \(", log)]
+        assert losses[name], log
+    assert "torch.compile(mode='default')" in log_text(tmp_path / "compiled")
+    torch.testing.assert_close(torch.tensor(losses["compiled"]), torch.tensor(losses["eager"]), rtol=1e-3, atol=1e-3)
+    with pytest.raises(ValueError, match="TRAIN.COMPILE 'fast' is not a torch.compile mode"):
+        trainer.main(train_args(tiny_data, tmp_path / "bad", 1, 4, "TRAIN.COMPILE", "fast"))
+
+
 def test_pretrained_with_a_new_head_then_throughput_on_cpu(tiny_data, uninterrupted, tmp_path):
     trainer.main(["--data-path", str(tiny_data), "--output", str(tmp_path), *TINY, "MODEL.NUM_CLASSES", "3",
                   "--pretrained", str(uninterrupted / "ckpt_epoch_1.pth"), "--throughput"])
