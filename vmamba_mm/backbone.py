@@ -12,6 +12,7 @@ Differences from the authors' wrapper, on purpose:
   from a detector checkpoint does not need the classification file), and a missing or unreadable
   file is an error, never a silent random initialisation.
 """
+import torch
 from mmengine.logging import print_log
 
 from classification.models import Backbone_VSSM
@@ -23,12 +24,25 @@ class MM_VSSM(Backbone_VSSM):
     Args:
         pretrained (str, optional): a classification checkpoint (the authors' ``{'model': ...}``
             file or a bare state_dict), loaded by :meth:`init_weights`; ``None``: random init.
+        compile (bool or str): run the backbone through ``torch.compile`` (a mode name such as
+            ``'max-autotune'``, or True for the default mode); the detector / segmentor heads stay eager.
         **kwargs: ``Backbone_VSSM`` / ``VSSM`` arguments (``dims``, ``depths``, ``ssm_ratio``, ...).
     """
 
-    def __init__(self, pretrained=None, **kwargs):
+    def __init__(self, pretrained=None, compile=False, **kwargs):
         super().__init__(**kwargs)
         self.pretrained = pretrained
+        if compile not in (False, None, True) and not isinstance(compile, str):
+            raise TypeError(f'MM_VSSM: compile must be a bool or a torch.compile mode, got {compile!r}')
+        self.compile_mode = 'default' if compile is True else (compile or None)
+        self._compiled_forward = None  # built at the first call, so the module stays copyable until then
+
+    def forward(self, x):
+        if self.compile_mode is None:
+            return super().forward(x)
+        if self._compiled_forward is None:
+            self._compiled_forward = torch.compile(super().forward, mode=self.compile_mode)
+        return self._compiled_forward(x)
 
     def init_weights(self):
         if self.pretrained is None:
