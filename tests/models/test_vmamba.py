@@ -248,6 +248,20 @@ def test_vmamba_tiny_on_cuda_matches_cpu_and_trains_under_amp():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", models.BUILDERS)
+def test_published_models_trace_without_graph_breaks(name):
+    """torch.compile sees each published model (one block per stage: every kind of block) as one graph, in
+    inference and in training mode (drop path on)."""
+    model = getattr(models, name)(depths=(1, 1, 1, 1), num_classes=10)
+    x = torch.randn(2, 3, 64, 64)
+    for training in (False, True):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.train(training))(x)
+        assert explanation.graph_break_count == 0, (training, [b.reason for b in explanation.break_reasons])
+        assert explanation.graph_count == 1
+
+
 @pytest.mark.parametrize("device", [pytest.param("cpu", marks=pytest.mark.slow),
                                     pytest.param("cuda", marks=pytest.mark.cuda)])
 def test_whole_model_compiles_without_graph_breaks(device):
