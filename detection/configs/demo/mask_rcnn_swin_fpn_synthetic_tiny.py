@@ -1,5 +1,5 @@
 # The synthetic Mask R-CNN demo with mmdet's Swin-T backbone instead of VMamba-T (same data,
-# pipeline, schedule): the baseline of benchmarks/device_mm.sh.
+# pipeline, schedule): the baseline of `benchmarks/gpu_check.sh mm`.
 _base_ = ['./mask_rcnn_vssm_fpn_synthetic_tiny.py']
 
 model = dict(

@@ -1,5 +1,5 @@
 # The synthetic UperNet demo with mmseg's Swin-T backbone instead of VMamba-T (same data,
-# pipeline, schedule): the baseline of benchmarks/device_mm.sh.
+# pipeline, schedule): the baseline of `benchmarks/gpu_check.sh mm`.
 _base_ = ['./upernet_vssm_synthetic_tiny.py']
 
 model = dict(
