@@ -196,6 +196,7 @@ def test_reduction_path_without_matmuls(monkeypatch):
     test_torch_path_matches_loop_float64(CASES[4])
 
 
+@pytest.mark.slow
 def test_gradcheck_float64_unsafe_chunks():
     u, delta, A, B, C, D, bias = make_inputs(1, 2, 70, 2, 1, bias_len=2)
     delta = delta.clone()
@@ -223,6 +224,7 @@ def test_linear_scan_against_sequential_loop():
         torch.testing.assert_close(h, torch.stack(expected), rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.slow
 def test_gradcheck_float64():
     u, delta, A, B, C, D, bias = make_inputs(1, 4, 37, 2, 2, delta_rows=2, bias_len=4)
     inputs = [t.requires_grad_() for t in (u, delta, A, B, C, D, bias)]

@@ -205,6 +205,7 @@ def test_fused_interface_without_the_extension():
     assert result.stdout.strip() == "ok True"
 
 
+@pytest.mark.slow
 def test_torch_compile_fused_interface_cpu():
     dim, rank = 12, 3
     params = make_params(dim, rank)

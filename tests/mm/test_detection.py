@@ -45,6 +45,7 @@ def test_swin_kwargs_left_in_a_config_are_rejected(monkeypatch, demo_data):
         MODELS.build(dict(cfg.model.backbone, num_heads=[3, 6, 12, 24]))
 
 
+@pytest.mark.slow
 def test_mask_rcnn_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
     """The real VMamba-T Mask R-CNN: a few training steps on one generated batch lower the loss,
     then the saved weights run through mmdet.apis.init_detector / inference_detector."""
@@ -78,6 +79,7 @@ def test_mask_rcnn_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
     assert result.pred_instances.masks.shape[1:] == (64, 64)
 
 
+@pytest.mark.slow
 def test_train_resume_and_test_tools(tmp_path, demo_data, mm_tool):
     """tools/train.py trains (tiny backbone) and resumes its own checkpoint (torch >= 2.6
     weights_only default); tools/test.py evaluates a checkpoint with pycocotools' CocoMetric.
@@ -98,6 +100,7 @@ def test_train_resume_and_test_tools(tmp_path, demo_data, mm_tool):
     assert out.is_file()
 
 
+@pytest.mark.slow
 def test_published_configs_build_through_the_apis_from_a_foreign_cwd(tmp_path):
     """`custom_imports` alone registers MM_VSSM: no cwd, PYTHONPATH or prior import needed."""
     script = f'''

@@ -29,6 +29,7 @@ def demo_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_upernet_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
     """The real VMamba-T UperNet: a few training steps on one generated batch lower the loss,
     then the saved weights run through mmseg.apis.init_model / inference_model."""
@@ -61,6 +62,7 @@ def test_upernet_vmamba_t_trains_and_infers(tmp_path, monkeypatch, demo_data):
     assert result.pred_sem_seg.data.shape == (1, 64, 64)
 
 
+@pytest.mark.slow
 def test_train_test_and_tta_tools(tmp_path, demo_data, mm_tool):
     """tools/train.py trains UperNet (tiny backbone/head) and saves a checkpoint; tools/test.py
     evaluates it with IoUMetric, single-scale and with --tta (6 scales x flip). The tools run in a

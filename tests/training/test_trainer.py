@@ -100,6 +100,7 @@ def uninterrupted(tiny_data, tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- plain run
+@pytest.mark.slow
 def test_plain_run_logs_checkpoints_and_tensorboard(uninterrupted):
     log = (uninterrupted / "log_rank0.txt").read_text()
     assert "no process group" in log and "trains and evaluates in fp32" in log
@@ -133,6 +134,7 @@ def assert_same_state(expected, actual):
         assert torch.equal(state["exp_avg"], other["exp_avg"]) and torch.equal(state["exp_avg_sq"], other["exp_avg_sq"])
 
 
+@pytest.mark.slow
 def test_kill_during_epoch_then_resume_matches_uninterrupted_run(tiny_data, uninterrupted, tmp_path):
     args = train_args(tiny_data, tmp_path, 2, 2, flags=["--model_ema", "--model_ema_decay", "0.5"])
     log_file = tmp_path / "vmamba_digits" / "default" / "log_rank0.txt"
@@ -156,6 +158,7 @@ def test_kill_during_epoch_then_resume_matches_uninterrupted_run(tiny_data, unin
                       read_checkpoint(str(tmp_path / "vmamba_digits" / "rerun" / "ckpt_epoch_1.pth")))
 
 
+@pytest.mark.slow
 def test_eval_of_a_checkpoint_reproduces_the_logged_accuracy(tiny_data, uninterrupted, tmp_path):
     run([sys.executable, MAIN, "--data-path", str(tiny_data), "--output", str(tmp_path), *TINY,
          "--eval", "--resume", str(uninterrupted / "ckpt_epoch_1.pth"), "--model_ema"])
@@ -166,6 +169,7 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_accuracy(tiny_data, uninterr
     assert "Train:" not in evaluated
 
 
+@pytest.mark.slow
 def test_rerunning_a_finished_run_only_reports_its_accuracy(tiny_data, uninterrupted, tmp_path, capsys):
     shutil.copytree(uninterrupted, tmp_path / "vmamba_digits" / "default")
     trainer.main(train_args(tiny_data, tmp_path, 2, 2, flags=["--model_ema", "--model_ema_decay", "0.5"]))
@@ -175,6 +179,7 @@ def test_rerunning_a_finished_run_only_reports_its_accuracy(tiny_data, uninterru
     assert [float(a) for a in final] == accuracies((uninterrupted / "log_rank0.txt").read_text())[-1:]
 
 
+@pytest.mark.slow
 def test_auto_resume_skips_an_unreadable_newest_checkpoint(uninterrupted, tmp_path):
     output = tmp_path / "vmamba_digits" / "default"
     output.mkdir(parents=True)
@@ -213,6 +218,7 @@ def test_compiled_training_matches_eager(tiny_data, tmp_path):
         trainer.main(train_args(tiny_data, tmp_path / "bad", 1, 4, "TRAIN.COMPILE", "fast"))
 
 
+@pytest.mark.slow
 def test_pretrained_with_a_new_head_then_throughput_on_cpu(tiny_data, uninterrupted, tmp_path):
     trainer.main(["--data-path", str(tiny_data), "--output", str(tmp_path), *TINY, "MODEL.NUM_CLASSES", "3",
                   "--pretrained", str(uninterrupted / "ckpt_epoch_1.pth"), "--throughput"])
@@ -249,6 +255,7 @@ def test_missing_data_path_is_a_clear_error(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("error: data path")
 
 
+@pytest.mark.slow
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tiny_data, uninterrupted, tmp_path):
     truncated = tmp_path / "truncated.pth"
     truncated.write_bytes((uninterrupted / "ckpt_epoch_1.pth").read_bytes()[:10000])
@@ -320,6 +327,7 @@ def _assert_ranks_agree(output, epochs):
     return logs
 
 
+@pytest.mark.slow
 def test_ddp_torchrun_two_processes(tiny_data, tmp_path):
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN,
          *train_args(tiny_data, tmp_path, 2, 4)])
@@ -328,6 +336,7 @@ def test_ddp_torchrun_two_processes(tiny_data, tmp_path):
     assert "total batch 8 (per process 4 x 2 processes" in logs[0]
 
 
+@pytest.mark.slow
 def test_ddp_legacy_launcher_passes_local_rank(tiny_data, tmp_path):
     run([sys.executable, "-m", "torch.distributed.launch", "--nproc_per_node", "2", "--master_port",
          str(free_port()), MAIN, *train_args(tiny_data, tmp_path, 2, 4)])
@@ -335,6 +344,7 @@ def test_ddp_legacy_launcher_passes_local_rank(tiny_data, tmp_path):
     assert "local rank 1" in logs[1]
 
 
+@pytest.mark.slow
 def test_ddp_torchrun_two_nodes_use_local_rank(tiny_data, tmp_path):
     port = str(free_port())
     nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank",

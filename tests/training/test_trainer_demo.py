@@ -9,12 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import classification
 
 PACKAGE = Path(classification.__file__).resolve().parent
 DEMO = [sys.executable, str(PACKAGE / "main.py"), "--cfg", str(PACKAGE / "configs" / "demo" / "vmamba_digits.yaml")]
 
 
+@pytest.mark.slow
 def test_demo_command_learns_the_digits(tmp_path):
     env = dict(os.environ, VMAMBA_CACHE=str(tmp_path / "cache"))
     result = subprocess.run([*DEMO, "--output", str(tmp_path / "output")], env=env, cwd=tmp_path,
