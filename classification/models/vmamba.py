@@ -93,10 +93,11 @@ class LayerNorm2d(LayerNorm):
 
 
 def _autocast_dtype(device_type):
-    """The autocast dtype active for `device_type`, or None (also for devices autocast does not know, e.g. meta)."""
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return None
+    """The autocast dtype active for `device_type`, or None (also on the meta device, which autocast does not
+    know; torch.amp.is_autocast_available would say so, but torch.compile cannot trace it)."""
+    if device_type == "meta" or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
 
 
 def _norm_before_matmul(norm_layer, dim, **dd):
