@@ -1,9 +1,11 @@
-"""Builds the `selective_scan` package and, when possible, its CUDA extension `selective_scan._C`.
+"""Builds the `selective_scan` package and its compiled extension `selective_scan._C`.
 
-The extension is compiled for the architectures in TORCH_CUDA_ARCH_LIST (default: 8.0;8.6;8.9;9.0,
-restricted to what this nvcc supports) and needs no GPU at build time. Without a CUDA toolkit, with a
-CPU-only torch, or with SELECTIVE_SCAN_SKIP_CUDA_BUILD=1, only the Python package (the torch path) is
-installed and one message says why.
+The extension always has the CPU kernels (csrc/ops.cpp, csrc/cpu/*.cpp: a C++ compiler is all they need). Its
+CUDA part (csrc/*.cu and their bindings) is added when a CUDA toolkit and a CUDA build of torch are there, for the
+architectures in TORCH_CUDA_ARCH_LIST or, when that is unset, those of the visible GPUs (restricted to what this
+nvcc supports); with neither set nor visible it is skipped and one line says how to force it.
+SELECTIVE_SCAN_SKIP_CUDA_BUILD=1 builds the CPU part only. Without a C++ compiler, or with torch not importable at
+build time, only the Python package (the PyTorch implementation) is installed and one line says why.
 """
 
 import os
@@ -11,11 +13,9 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 
 from setuptools import setup
-
-DEFAULT_ARCHS = ["8.0", "8.6", "8.9", "9.0"]
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def say(message: str) -> None:
@@ -43,20 +43,45 @@ def point_cuda_home_at_a_toolkit() -> None:
             return
 
 
-def reason_to_skip_cuda():
-    """Returns None when the extension can be built, else the reason it cannot."""
-    if os.environ.get("SELECTIVE_SCAN_SKIP_CUDA_BUILD", "0") == "1":
-        return "SELECTIVE_SCAN_SKIP_CUDA_BUILD=1"
-    point_cuda_home_at_a_toolkit()
+def cxx_compiler():
+    """The C++ compiler the build would run (CXX, else Python's configured one), or None if it is not found."""
+    command = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
+    return shutil.which(command.split()[0])
+
+
+def reason_to_skip_extension():
+    """None when the extension (its CPU part at least) can be built, else the reason it cannot."""
     try:
-        import torch
-        from torch.utils.cpp_extension import CUDA_HOME
+        import torch.utils.cpp_extension  # noqa: F401
     except ImportError as error:
         return f"torch is not importable at build time ({error}); install with --no-build-isolation"
+    if cxx_compiler() is None:
+        return "no C++ compiler found (install g++ or set CXX)"
+    return None
+
+
+def visible_gpu_archs():
+    """Compute capabilities (e.g. '9.0') of the GPUs torch sees, sorted; empty without a GPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    return sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+
+
+def reason_to_skip_cuda():
+    """None when the CUDA part can be built, else the reason it is not."""
+    if os.environ.get("SELECTIVE_SCAN_SKIP_CUDA_BUILD", "0") == "1":
+        return "SELECTIVE_SCAN_SKIP_CUDA_BUILD=1"
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build"
     if CUDA_HOME is None or not has_cuda_headers(CUDA_HOME):
         return "no CUDA toolkit found (set CUDA_HOME or put nvcc on PATH)"
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not visible_gpu_archs():
+        return "no GPU visible and TORCH_CUDA_ARCH_LIST is unset; TORCH_CUDA_ARCH_LIST=9.0 (for example) builds it"
     return None
 
 
@@ -81,7 +106,7 @@ def nvcc_version(cuda_home: str) -> str:
 
 def chosen_archs(cuda_home: str):
     requested = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    archs = re.split(r"[;,\s]+", requested.strip()) if requested else DEFAULT_ARCHS
+    archs = re.split(r"[;,\s]+", requested.strip()) if requested else visible_gpu_archs()
     archs = [a for a in archs if a]
     supported = nvcc_supported_archs(cuda_home)
     if supported is not None:
@@ -95,6 +120,32 @@ def chosen_archs(cuda_home: str):
     return archs
 
 
+CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/scan_cpu.cpp", "csrc/cpu/ss2d_cpu.cpp"]
+CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/scan_fwd.cu", "csrc/scan_bwd.cu", "csrc/ss2d_bindings.cpp",
+                "csrc/ss2d_fused_fwd.cu", "csrc/ss2d_fused_bwd.cu", "csrc/ss2d_segments.cu", "csrc/layer_norm.cu"]
+
+
+def cxx_flags(build_info: str):
+    import torch
+
+    flags = ["-O3", f'-DSELECTIVE_SCAN_BUILD_INFO="{build_info}"']
+    if sys.platform.startswith("linux"):
+        flags.append("-Wno-psabi")  # notes on how GCC passes 64-byte vectors; the kernels' vector code is inlined
+        if torch.backends.openmp.is_available():
+            # at::parallel_for runs on torch's OpenMP threads only when the caller is compiled with OpenMP
+            flags.append("-fopenmp")
+    return flags
+
+
+def cpu_extension(skip_cuda_reason: str):
+    from torch.utils.cpp_extension import CppExtension
+
+    flags = cxx_flags(f"CUDA part not built: {skip_cuda_reason}")
+    say(f"CPU kernels only: CUDA part not built ({skip_cuda_reason})")
+    return CppExtension(name="selective_scan._C", sources=CPU_SOURCES, extra_compile_args=flags,
+                        extra_link_args=[f for f in flags if f == "-fopenmp"])
+
+
 def cuda_extension():
     from torch.utils.cpp_extension import CUDA_HOME, CUDAExtension
 
@@ -103,39 +154,39 @@ def cuda_extension():
     os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(archs)
     arch_names = ",".join("sm_" + a.replace(".", "").replace("+PTX", "") for a in archs)
     version = nvcc_version(CUDA_HOME)
-    say(f"CUDA extension built for {arch_names} with CUDA {version}")
-    info_define = f'-DSELECTIVE_SCAN_BUILD_INFO="CUDA extension built for {arch_names} with CUDA {version}"'
-    sources = [os.path.join("csrc", name) for name in (
-        "bindings.cpp", "scan_fwd.cu", "scan_bwd.cu", "ss2d_bindings.cpp", "ss2d_fused_fwd.cu", "ss2d_fused_bwd.cu",
-        "ss2d_segments.cu", "layer_norm.cu")]
+    say(f"CPU kernels and CUDA kernels for {arch_names} with CUDA {version}")
+    flags = cxx_flags(f"CUDA kernels for {arch_names} with CUDA {version}") + ["-DSELECTIVE_SCAN_WITH_CUDA"]
     return CUDAExtension(
         name="selective_scan._C",
-        sources=sources,
+        sources=CPU_SOURCES + CUDA_SOURCES,
         extra_compile_args={
-            "cxx": ["-O3", info_define],
+            "cxx": flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_OPERATORS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
                      # tuning knobs for experiments, e.g. "-DSCAN_BWD_MIN_BLOCKS_N1=2"
                      *os.environ.get("SELECTIVE_SCAN_NVCC_FLAGS", "").split()],
         },
+        extra_link_args=[f for f in flags if f == "-fopenmp"],
     )
 
 
 ext_modules, cmdclass = [], {}
-skip_reason = reason_to_skip_cuda()
+point_cuda_home_at_a_toolkit()  # before torch.utils.cpp_extension reads CUDA_HOME at import
+skip_reason = reason_to_skip_extension()
 if skip_reason is None:
     from torch.utils.cpp_extension import BuildExtension
 
-    ext_modules = [cuda_extension()]
+    skip_cuda_reason = reason_to_skip_cuda()
+    ext_modules = [cuda_extension() if skip_cuda_reason is None else cpu_extension(skip_cuda_reason)]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 else:
-    say(f"torch path only: CUDA extension not built ({skip_reason})")
+    say(f"torch path only: extension not built ({skip_reason})")
 
 setup(
     name="selective_scan",
     version="0.1.0",
-    description="Selective scan (S6) for VMamba: CUDA extension plus an exact chunked PyTorch path",
+    description="Selective scan (S6) for VMamba: CPU and CUDA kernels plus an exact chunked PyTorch path",
     packages=["selective_scan"],
     python_requires=">=3.10",
     ext_modules=ext_modules,

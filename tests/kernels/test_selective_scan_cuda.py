@@ -256,4 +256,4 @@ def test_torch_compile_with_cuda_kernel():
 
 def test_default_backend_is_cuda_for_cuda_tensors():
     assert selective_scan.cuda_available()
-    assert selective_scan.build_info().startswith("CUDA extension built for")
+    assert "CUDA kernels for sm_" in selective_scan.build_info()

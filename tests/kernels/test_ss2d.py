@@ -121,22 +121,31 @@ def test_fused_interface_equals_reference_on_cpu(rank, channel_first):
 def test_dispatch_rule_and_validation():
     params = make_params(8, 2)
     x = torch.randn(1, 8, 3, 4)
-    # CPU tensors take the unfused core by default
-    assert ss2d.select_core(x, 2, 1) == "unfused"
-    torch.testing.assert_close(ss2d.ss2d_core(x, **params), ss2d.ss2d_core(x, **params, backend="unfused"),
+    # CPU tensors take the fused core by default where its CPU kernels are built, the unfused one otherwise
+    default = "fused" if ss2d.kernel_runs_on(x.device) else "unfused"
+    assert ss2d.select_core(x, 2, 1) == default
+    assert ss2d.select_core(x, 2, 16) == default  # the CPU kernels take any d_state
+    assert ss2d.select_core(x, 2, 1, "bidi") == "unfused"
+    torch.testing.assert_close(ss2d.ss2d_core(x, **params), ss2d.ss2d_core(x, **params, backend=default),
                                rtol=0, atol=0)
     assert ss2d.fused_unsupported_reason(2, 1, x=x) is None
+    # without an input the CUDA kernels' limits apply; a CPU input has none
     assert "d_state" in ss2d.fused_unsupported_reason(2, 16)
+    assert ss2d.fused_unsupported_reason(2, 16, x=x) is None
     assert ss2d.fused_unsupported_reason(66, 1) is None
     assert "dt rank 67" in ss2d.fused_unsupported_reason(67, 1)
+    assert ss2d.fused_unsupported_reason(67, 1, x=x) is None
     assert "cross2d" in ss2d.fused_unsupported_reason(2, 1, "bidi")
     assert "dtype" in ss2d.fused_unsupported_reason(2, 1, x=x.double())
-    with pytest.raises(RuntimeError, match="backend='fused'.*d_state is 4"):
-        ss2d.ss2d_core(x, **make_params(8, 2, d_state=4), backend="fused")
-    with pytest.raises(RuntimeError, match="dt rank 67"):
-        ss2d.ss2d_core(x, **make_params(8, 67), backend="fused")
-    # v0-style d_state 4 still works through the default
-    assert ss2d.ss2d_core(x, **make_params(8, 2, d_state=4)).shape == (1, 8, 3, 4)
+    with pytest.raises(RuntimeError, match="backend='fused'.*cross2d"):
+        ss2d.ss2d_core(x, **params, routes="bidi", backend="fused")
+    with pytest.raises(RuntimeError, match="backend='fused'.*dtype"):
+        ss2d.ss2d_core(x.double(), **params, backend="fused")
+    # v0-style d_state 4 and a wide dt rank run fused on the CPU
+    for d_state, rank in ((4, 2), (1, 67)):
+        wide = make_params(8, rank, d_state=d_state)
+        torch.testing.assert_close(ss2d.ss2d_core(x, **wide, backend="fused"),
+                                   ss2d.ss2d_core(x, **wide, backend="reference"), rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="`x` must be"):
         ss2d.ss2d_core(x[0], **params)
     with pytest.raises(ValueError, match="`x_proj_weight` must be"):
@@ -156,7 +165,7 @@ def test_module_core_is_a_constructor_argument(monkeypatch):
         return SS2D(d_model=16, d_state=1, ssm_ratio=2.0, forward_type="v05_noz", channel_first=True, **kwargs)
 
     x = torch.randn(1, 32, 4, 4)
-    assert block().core == "auto" and block().core_for(x) == "unfused"  # CPU
+    assert block().core == "auto" and block().core_for(x) == ("fused" if ss2d.kernel_runs_on(x.device) else "unfused")
     assert block(core="fused").core_for(x) == "fused"
     assert block(core="unfused").core_for(x) == "unfused"
     monkeypatch.setenv("VMAMBA_SS2D_FUSED", "0")  # the environment sets the default only

@@ -1,7 +1,7 @@
-// The dispatcher ops selective_scan::fwd / ::bwd and their CUDA kernels: argument checks, allocation and launch.
-// The Python layer (selective_scan/ops.py) validates shapes with user-facing messages first; the checks
-// here only keep a bad call from reaching a kernel. Only c10 CUDA headers are included (not ATen/cuda),
-// so a toolkit without the cuBLAS/cuSPARSE headers still builds it.
+// The CUDA kernels of the dispatcher ops selective_scan::fwd / ::bwd (schemas in ops.cpp): argument checks,
+// allocation and launch. The Python layer (selective_scan/ops.py) validates shapes with user-facing messages
+// first; the checks here only keep a bad call from reaching a kernel. Only c10 CUDA headers are included (not
+// ATen/cuda), so a toolkit without the cuBLAS/cuSPARSE headers still builds it.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
@@ -13,10 +13,6 @@
 
 #include "scalar_kind.h"
 #include "scan_common.cuh"
-
-#ifndef SELECTIVE_SCAN_BUILD_INFO
-#define SELECTIVE_SCAN_BUILD_INFO "CUDA extension (build details not recorded)"
-#endif
 
 namespace selective_scan {
 namespace {
@@ -180,21 +176,7 @@ Grads bwd(const at::Tensor& dout, const std::optional<at::Tensor>& dlast_state, 
 }  // namespace
 }  // namespace selective_scan
 
-// Schemas as selective_scan/ops.py defines them when the extension is not built.
-TORCH_LIBRARY(selective_scan, m) {
-  m.def("fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus,"
-        " bool out_float) -> (Tensor, Tensor, Tensor)");
-  m.def("bwd(Tensor dy, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D,"
-        " Tensor? delta_bias, Tensor checkpoints, bool delta_softplus) -> (Tensor, Tensor, Tensor, Tensor, Tensor,"
-        " Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(selective_scan, CUDA, m) {
   m.impl("fwd", &selective_scan::fwd);
   m.impl("bwd", &selective_scan::bwd);
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Selective-scan (S6), fused SS2D and LayerNorm CUDA kernels for VMamba (registered as dispatcher ops)";
-  m.def("build_info", [] { return std::string(SELECTIVE_SCAN_BUILD_INFO); }, "how this extension was built");
 }

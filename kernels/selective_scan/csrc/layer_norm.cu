@@ -388,11 +388,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(const at::Tensor& dy_in, cons
 }  // namespace layer_norm
 }  // namespace selective_scan
 
-TORCH_LIBRARY(selective_scan_ln, m) {
-  m.def("fwd(Tensor x, Tensor weight, Tensor bias, float eps, ScalarType out_dtype) -> (Tensor, Tensor, Tensor)");
-  m.def("bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(selective_scan_ln, CUDA, m) {
   m.impl("fwd", &selective_scan::layer_norm::fwd);
   m.impl("bwd", &selective_scan::layer_norm::bwd);

@@ -1,7 +1,8 @@
 // Registers the fused SS2D kernels (ss2d_fused_*.cu, ss2d_segments.cu) as the CUDA dispatcher ops
-// selective_scan_ss2d::fwd / ::bwd: argument checks, segment planning, allocation and launch. The public op
-// (fake kernel, autograd rule, user-facing validation, CPU path) is selective_scan/ss2d.py; these checks only
-// keep a bad call from reaching a kernel.
+// selective_scan_ss2d::fwd / ::bwd (schemas in ops.cpp): argument checks, segment planning, allocation and
+// launch. The public op (fake kernel, autograd rule, user-facing validation, PyTorch reference) is
+// selective_scan/ss2d.py, the CPU kernels cpu/ss2d_cpu.cpp; these checks only keep a bad call from reaching a
+// kernel.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -208,12 +209,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 }  // namespace ss2d
 }  // namespace selective_scan
-
-TORCH_LIBRARY(selective_scan_ss2d, m) {
-  m.def("fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> (Tensor, Tensor)");
-  m.def("bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds,"
-        " Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(selective_scan_ss2d, CUDA, m) {
   m.impl("fwd", &selective_scan::ss2d::fwd);

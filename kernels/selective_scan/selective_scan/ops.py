@@ -4,10 +4,12 @@ How this package registers its operators (the scan here, the fused SS2D core in 
 layer_norm.py), one way for all of them:
 
 * each op family is a pair of dispatcher ops `<namespace>::fwd` / `::bwd` with a schema. The compiled extension
-  defines them in C++ (TORCH_LIBRARY) with their CUDA kernels; without it `define_ops` defines the same schemas
-  here. The PyTorch implementation is registered as the CompositeExplicitAutograd kernel, so it runs wherever no
-  compiled kernel is registered for the device (the CPU; any GPU when the extension is not built). (The
-  LayerNorm's ops exist with the extension only: elsewhere `layer_norm` is F.layer_norm, which needs no op.)
+  defines them in C++ (TORCH_LIBRARY, csrc/ops.cpp) and registers its kernels per device: the CPU kernels
+  (csrc/cpu/, always part of the extension) and the CUDA kernels (when it is built with CUDA). Without the
+  extension `define_ops` defines the same schemas here. The PyTorch implementation is registered as the
+  CompositeExplicitAutograd kernel, so it runs wherever no compiled kernel is registered for the device (every
+  device when the extension is not built; a GPU when it is built without CUDA). (The LayerNorm's ops have CUDA
+  kernels only: elsewhere `layer_norm` is F.layer_norm, which needs no op.)
 * each op has a fake kernel, so torch.compile / torch.export see one opaque op with known output shapes (no graph
   break, nothing traced inside), and AOTInductor can call the C++ registration;
 * a `torch.autograd.Function` calls the fwd op and, in its backward, the bwd op.
@@ -30,32 +32,47 @@ from torch import Tensor
 from . import torch_scan
 
 try:
-    _C = importlib.import_module(f"{__package__}._C")  # the compiled extension (registers the CUDA kernels)
+    _C = importlib.import_module(f"{__package__}._C")  # the compiled extension (registers its kernels)
     _EXTENSION_ERROR = None
-except ImportError as error:  # built without CUDA, or not built at all
+except ImportError as error:  # not built (no C++ compiler at install time)
     _C = None
     _EXTENSION_ERROR = str(error)
+_HAS_CUDA = _C is not None and _C.has_cuda()
 
 # The CUDA kernel processes L in tiles of this many steps and saves the state at the start of each tile
 # for its backward pass; it must match SCAN_TILE in csrc/scan_common.cuh.
 CUDA_TILE = 256
 CUDA_MAX_D_STATE = 16
+# The CPU kernel saves the state entering each chunk of this many steps (kChunk in csrc/cpu/scan_cpu.cpp).
+CPU_CHUNK = 64
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def extension_built() -> bool:
-    """True when the compiled CUDA extension imports (with or without a GPU visible)."""
-    return _C is not None
+    """True when the extension is built with its CUDA kernels (with or without a GPU visible)."""
+    return _HAS_CUDA
 
 
 def cuda_available() -> bool:
-    """True when the CUDA extension is built and a GPU is visible."""
-    return _C is not None and torch.cuda.is_available()
+    """True when the CUDA kernels are built and a GPU is visible."""
+    return _HAS_CUDA and torch.cuda.is_available()
+
+
+def cpu_kernels_built() -> bool:
+    """True when the extension imports; it always has its CPU kernels."""
+    return _C is not None
+
+
+def compiled_kernels_for(device: torch.device) -> bool:
+    """Whether the extension registers kernels for `device`'s type (its op families all cover the same devices,
+    except the CUDA-only LayerNorm)."""
+    return (device.type == "cpu" and _C is not None) or (device.type == "cuda" and _HAS_CUDA)
 
 
 def dispatcher_ops_loaded(namespace: str) -> bool:
-    """True when the extension has registered the dispatcher ops ``namespace::fwd`` / ``::bwd`` (it does so when
-    it is imported, above)."""
+    """True when the extension has defined the dispatcher ops ``namespace::fwd`` / ``::bwd`` (it does so when it
+    is imported, above)."""
     try:
         return _C is not None and hasattr(getattr(torch.ops, namespace), "fwd")
     except RuntimeError:
@@ -65,23 +82,22 @@ def dispatcher_ops_loaded(namespace: str) -> bool:
 _PYTHON_LIBRARIES = []  # the libraries defined here must stay alive
 
 
-def define_ops(namespace: str, schemas: Sequence[str]) -> bool:
+def define_ops(namespace: str, schemas: Sequence[str]) -> None:
     """Defines ``namespace``'s ops from their schemas unless the extension already has (it defines them in C++
-    with their CUDA kernels). Returns True when the compiled kernels are there."""
+    and registers its kernels)."""
     if dispatcher_ops_loaded(namespace):
-        return True
+        return
     library = torch.library.Library(namespace, "DEF")
     for schema in schemas:
         library.define(schema)
     _PYTHON_LIBRARIES.append(library)
-    return False
 
 
 def build_info() -> str:
     """One line saying what this installation can run."""
     if _C is not None:
         return _C.build_info()
-    return f"torch path only: CUDA extension not importable ({_EXTENSION_ERROR})"
+    return f"torch path only: extension not importable ({_EXTENSION_ERROR})"
 
 
 def scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: bool = True) -> int:
@@ -94,7 +110,7 @@ def scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: boo
 
 # ----------------------------------------------------------------------------------------------- the ops
 
-_KERNELS = define_ops("selective_scan", [
+define_ops("selective_scan", [
     "fwd(Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? delta_bias, bool delta_softplus, "
     "bool out_float) -> (Tensor, Tensor, Tensor)",
     "bwd(Tensor dy, Tensor? dlast_state, Tensor u, Tensor delta, Tensor A, Tensor B, Tensor C, Tensor? D, "
@@ -105,25 +121,35 @@ _KERNELS = define_ops("selective_scan", [
 
 def kernel_runs_on(device: torch.device) -> bool:
     """Whether the scan ops run a compiled kernel (not the PyTorch implementation) for tensors on `device`."""
-    return _KERNELS and device.type == "cuda"
+    return compiled_kernels_for(device)
+
+
+def checkpoint_steps(device: torch.device) -> int:
+    """Steps between the states the compiled forward saves for its backward (0: it saves none)."""
+    if not kernel_runs_on(device):
+        return 0
+    return CUDA_TILE if device.type == "cuda" else CPU_CHUNK
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-@torch.library.impl("selective_scan::fwd", "CompositeExplicitAutograd")
 def _fwd_torch(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float):
     """(y, last_state, checkpoints); the PyTorch implementation saves no checkpoints (an empty tensor)."""
     y, last_state = torch_scan.scan_forward(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
     return y, last_state, u.new_empty(0, dtype=torch.float32)
 
 
-@torch.library.impl("selective_scan::bwd", "CompositeExplicitAutograd")
 def _bwd_torch(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, delta_softplus):
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias); dD / ddelta_bias are empty when D / delta_bias are None."""
     grads = torch_scan.scan_backward(dy, u, delta, A, B, C, D, delta_bias, delta_softplus, dlast_state)
     return tuple(u.new_empty(0) if g is None else g for g in grads)
+
+
+# registered by call: the decorator form returns None, and _SelectiveScan calls these functions directly too
+torch.library.impl("selective_scan::fwd", "CompositeExplicitAutograd", _fwd_torch)
+torch.library.impl("selective_scan::bwd", "CompositeExplicitAutograd", _bwd_torch)
 
 
 @torch.library.register_fake("selective_scan::fwd")
@@ -133,8 +159,9 @@ def _fwd_fake(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float):
     batch, channels, length = u.shape
     y = u.new_empty((batch, channels, length), dtype=out_dtype)
     last_state = u.new_empty((batch, channels, A.shape[1]), dtype=compute)
-    if kernel_runs_on(u.device):
-        checkpoints = u.new_empty((batch, channels, -(-length // CUDA_TILE), A.shape[1]), dtype=torch.float32)
+    steps = checkpoint_steps(u.device)
+    if steps:
+        checkpoints = u.new_empty((batch, channels, -(-length // steps), A.shape[1]), dtype=torch.float32)
     else:
         checkpoints = u.new_empty(0, dtype=torch.float32)
     return y, last_state, checkpoints
@@ -177,8 +204,10 @@ class _SelectiveScan(torch.autograd.Function):
 def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
          delta_softplus: bool, out_float: bool, use_op: bool = True):
     """The scan without argument checks or casts, for callers whose tensors already have the op's dtypes and
-    layouts (`selective_scan_fn` below, SS2D's unfused core): returns (y, last_state)."""
-    if torch.jit.is_tracing():
+    layouts (`selective_scan_fn` below, SS2D's unfused core): returns (y, last_state). float64 always runs the
+    PyTorch implementation (the compiled kernels compute in fp32)."""
+    use_op = use_op and u.dtype in _KERNEL_DTYPES
+    if torch.jit.is_tracing() and use_op:
         # jit.trace (fvcore's FLOP count) records an autograd.Function as one opaque node: trace the op itself
         y, last_state, _ = torch.ops.selective_scan.fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
         return y, last_state
@@ -205,14 +234,18 @@ def _resolve_backend(backend: Optional[str], u: Tensor) -> bool:
         return True
     if backend == "torch":
         return not kernel_runs_on(u.device)
-    if backend == "cuda":
-        if not cuda_available():
-            raise RuntimeError(f"selective_scan: backend='cuda' requested but it is unavailable ({build_info()}"
-                               f"{'' if torch.cuda.is_available() else '; no GPU visible'})")
-        if not u.is_cuda:
-            raise ValueError(f"selective_scan: backend='cuda' needs CUDA tensors, `u` is on {u.device}")
-        return True
-    raise ValueError(f"selective_scan: `backend` must be None, 'cuda' or 'torch', got {backend!r}")
+    if backend not in ("cuda", "cpu"):
+        raise ValueError(f"selective_scan: `backend` must be None, 'cuda', 'cpu' or 'torch', got {backend!r}")
+    if not (cuda_available() if backend == "cuda" else cpu_kernels_built()):
+        no_gpu = backend == "cuda" and not torch.cuda.is_available()
+        raise RuntimeError(f"selective_scan: backend={backend!r} requested but it is unavailable ({build_info()}"
+                           f"{'; no GPU visible' if no_gpu else ''})")
+    if u.device.type != backend:
+        raise ValueError(f"selective_scan: backend={backend!r} needs {backend.upper()} tensors, `u` is on {u.device}")
+    if u.dtype not in _KERNEL_DTYPES:
+        raise TypeError(f"selective_scan: the {backend.upper()} kernel takes float32/float16/bfloat16 `u`, not "
+                        f"{u.dtype} (use backend='torch')")
+    return True
 
 
 def _validate(u, delta, A, B, C, D, delta_bias, backend) -> bool:
@@ -251,13 +284,10 @@ def _validate(u, delta, A, B, C, D, delta_bias, backend) -> bool:
             raise ValueError(f"selective_scan: `delta_bias` must have {channels} (or {rows}) entries, "
                              f"got {tuple(delta_bias.shape)}")
     use_op = _resolve_backend(backend, u)
-    if use_op and kernel_runs_on(device):
-        if u.dtype == torch.float64:
-            raise TypeError("selective_scan: the CUDA kernel takes float32/float16/bfloat16 `u`, not float64 "
-                            "(use backend='torch')")
-        if n_state > CUDA_MAX_D_STATE:
-            raise ValueError(f"selective_scan: `A` has N = {n_state} states; the CUDA kernel supports at most "
-                             f"{CUDA_MAX_D_STATE} (use backend='torch')")
+    if use_op and u.dtype in _KERNEL_DTYPES and device.type == "cuda" and kernel_runs_on(device) \
+            and n_state > CUDA_MAX_D_STATE:
+        raise ValueError(f"selective_scan: `A` has N = {n_state} states; the CUDA kernel supports at most "
+                         f"{CUDA_MAX_D_STATE} (use backend='torch')")
     return use_op
 
 
@@ -269,8 +299,9 @@ def selective_scan_fn(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     B, C (batch, G, N, L) with K*D % G == 0; D (K*D,) or None; delta_bias (K*D,) or (Dd,) or None.
     delta, B and C are used in u's dtype; A, D, delta_bias in float32 (float64 when u is float64).
     Returns y (batch, K*D, L), float32 if out_float else u's dtype, or (y, last_state (batch, K*D, N)).
-    backend: None (the CUDA kernel for CUDA tensors when built, the PyTorch implementation otherwise), "cuda" or
-    "torch".
+    backend: None (the compiled kernel for u's device where the extension has one: the CPU kernel whenever it is
+    built, the CUDA kernel when built with CUDA; the PyTorch implementation otherwise and for float64), "cuda" or
+    "cpu" (that kernel, or an error), "torch" (the PyTorch implementation).
     """
     if torch.jit.is_tracing():
         # Under torch.jit.trace (fvcore's FLOP count) shapes are traced values: checking them would only

@@ -7,17 +7,19 @@ Three implementations of the same function, side by side:
   (a route permutation commutes with a position-wise linear map; x_proj_weight is the GEMM's weight as stored),
   then `scan_routes`: the dispatcher op `selective_scan_ss2d::fwd` walks every route through its index map,
   computes dt = softplus(W_dt x_dbl + bias) per step and adds the four outputs into one fp32 map; its backward
-  is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu; elsewhere the reference below is the op's
-  kernel. Cross2d routes, d_state 1, dt rank up to MAX_RANK (every stage of the published v2 models).
+  is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu (d_state 1, dt rank up to MAX_RANK: every stage of
+  the published v2 models), CPU kernels in csrc/cpu/ss2d_cpu.cpp (any d_state and rank, so the v0 models too);
+  without a compiled kernel for the device the reference below is the op's kernel. Cross2d routes.
 * **unfused** (`backend="unfused"`): `cross_scan` to (B, 4, D, L) route copies, batched per-route projections,
   the selective scan (ops.py), `cross_merge`. Any d_state and route set; what fvcore traces for FLOP counts.
 * **reference** (`backend="reference"`): PyTorch, the routes gathered through `route_positions`, the fused ops'
-  contract for any d_state. It is the CPU kernel of the fused ops and, in float64, the oracle the CUDA kernels
-  are tested against.
+  contract for any d_state. It is the fused ops' kernel where no compiled one is registered and, in float64,
+  the oracle the compiled kernels are tested against.
 
 Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused ops run a compiled kernel for x's
-device (CUDA with the extension built) and take the call (`fused_unsupported_reason` is None); unfused
-otherwise, and always under jit tracing (fvcore's FLOP count keys on the unfused ops). Nothing falls back
+device (the CPU whenever the extension is built, CUDA when it is built with CUDA) and take the call
+(`fused_unsupported_reason` is None); unfused otherwise, and always under jit tracing (fvcore's FLOP count keys
+on the unfused ops). Nothing falls back
 silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
 """
 
@@ -40,7 +42,11 @@ MAX_RANK = 66  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at 
 BACKENDS = ("fused", "unfused", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-_KERNELS = ops.define_ops("selective_scan_ss2d", [
+# The CPU kernel saves the state entering each chunk of this many steps of a route (kChunk in
+# csrc/cpu/ss2d_cpu.cpp).
+CPU_CHUNK = 64
+
+ops.define_ops("selective_scan_ss2d", [
     "fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> (Tensor, Tensor)",
     "bwd(Tensor dy, Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds, "
     "Tensor ckpt) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
@@ -49,12 +55,14 @@ _KERNELS = ops.define_ops("selective_scan_ss2d", [
 
 def kernel_runs_on(device: torch.device) -> bool:
     """Whether the fused ops run a compiled kernel (not the reference) for tensors on `device`."""
-    return _KERNELS and device.type == "cuda"
+    return ops.compiled_kernels_for(device)
 
 
-def checkpoint_chunk(rank: int) -> int:
-    """Steps between the states the CUDA forward saves for its backward, for dt rank `rank` (kv_for_rank and
-    chunk_for_kv in csrc/ss2d_fused.cuh)."""
+def checkpoint_chunk(rank: int, device: torch.device) -> int:
+    """Steps between the states the compiled forward saves for its backward, for dt rank `rank` (on CUDA:
+    kv_for_rank and chunk_for_kv in csrc/ss2d_fused.cuh)."""
+    if device.type == "cpu":
+        return CPU_CHUNK
     return 16 if rank + 2 <= 8 else 8 if rank + 2 <= 32 else 4
 
 
@@ -166,7 +174,9 @@ def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     y = x.new_empty(x.shape, dtype=torch.float32)
     if not kernel_runs_on(x.device):
         return y, x.new_empty(0, dtype=torch.float32)
-    chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2]))
+    chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2], x.device))
+    if x.device.type == "cpu":
+        return y, x.new_empty((batch, K, chunks, A_log.shape[1], dim), dtype=torch.float32)
     return y, x.new_empty((batch, K, chunks, dim), dtype=torch.float32)
 
 
@@ -192,7 +202,7 @@ class _ScanRoutes(torch.autograd.Function):
 
 def scan_routes(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> Tensor:
     """The fused ops, differentiable: x (B, H, W, D) contiguous, x_dbl = project(x, x_proj_weight), SS2D's
-    dt_projs_weight (4, D, R), dt_projs_bias (4, D), A_logs (4D, 1) and Ds (4D,) in fp32; returns the merged
+    dt_projs_weight (4, D, R), dt_projs_bias (4, D), A_logs (4D, N) and Ds (4D,) in fp32; returns the merged
     scan output y (B, H, W, D) in fp32."""
     return _ScanRoutes.apply(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
 
@@ -281,18 +291,21 @@ def _check_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, ro
 
 def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x: Optional[Tensor] = None
                              ) -> Optional[str]:
-    """None when the fused ops take a call with these parameters (and, if given, this input), else why not."""
+    """None when the fused ops take a call with these parameters (and, if given, this input), else why not.
+    Without x the answer holds for every device (the CUDA kernels' limits); a CPU x takes any d_state and rank."""
     if routes != "cross2d":
         return f"the fused kernels walk the cross2d routes, not {routes!r}"
-    if d_state != 1:
-        return f"d_state is {d_state}; the fused kernel supports d_state 1"
-    if rank > MAX_RANK:
-        return f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused kernel holds at most {MAX_RANK + 2}"
+    if x is None or x.is_cuda:
+        if d_state != 1:
+            return f"d_state is {d_state}; the fused CUDA kernel supports d_state 1"
+        if rank > MAX_RANK:
+            return (f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused CUDA kernel holds at most "
+                    f"{MAX_RANK + 2}")
     if x is None:
         return None
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of {_DTYPES}"
-    if x.is_cuda and not _KERNELS:
+    if x.is_cuda and not kernel_runs_on(x.device):
         return f"the fused CUDA kernels are not built ({ops.build_info()})"
     return None
 

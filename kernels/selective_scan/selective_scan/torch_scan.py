@@ -1,4 +1,5 @@
-"""Selective scan in plain PyTorch: the CPU implementation and the oracle the CUDA kernel is tested against.
+"""Selective scan in plain PyTorch: the reference implementation (what runs without the compiled extension, and for
+float64) and the oracle the compiled kernels are tested against.
 
 The recurrence h_t = a_t * h_{t-1} + b_t with a_t = exp(x_t), x_t = dt_t * A, is evaluated in chunks of T
 steps laid along the last (contiguous) axis, (rows, chunks, T). Inside a chunk, with the chunk-local
