@@ -26,6 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from analyze import latency
 from analyze.common import (ModelSpec, add_common_args, count_params, format_table, model_specs,
                             prepare_model, prepare_out_dir, report_outputs, resolve_device, run_cli,
                             write_csv)
@@ -241,6 +242,9 @@ def main(argv: Optional[Sequence[str]] = None):
     if halved:
         print("batch halved after running out of memory: " + "; ".join(halved))
     print(format_table(rows, csv_columns(args.modes, with_batch=False)))
+    if device.type == "cpu":  # on the CPU, single-image latency is the number users meet (analyze/latency.py)
+        print("\nbatch-1 latency, fp32:")
+        print(latency.table(latency.measure(specs, args.sizes[0], device, args.warmup, args.iters, args.num_classes)))
 
 
 if __name__ == "__main__":
