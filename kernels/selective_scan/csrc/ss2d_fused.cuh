@@ -25,7 +25,7 @@
 // into y a position gets (one per route) are L2 rather than DRAM read-modify-writes, and the backward's four
 // reads of x and dy mostly hit L2. Full batches run unsegmented: segmenting was measured slower there, the summary
 // pass doubling the arithmetic that then limits. Their forward gets the same L2 locality from splitting each
-// route over a block's warps instead (splitting the backward was measured slower, BENCHMARKS.md).
+// route over a block's warps instead (splitting the backward was measured slower, docs/kernels.md).
 //
 // The forward saves the state entering every chunk; the backward walks its segment's chunks from the last,
 // recomputes each from its checkpoint (values held in registers) and walks it in reverse.
@@ -86,7 +86,7 @@ struct Shape {
 
 // Cuts each route into segments (sets segment_chunks, num_segments). A grid of one block per (batch, channel
 // group) that fills at least half of the resident_blocks slots runs unsegmented: the summary pass costs about
-// as much arithmetic as the main kernel, which is what limits both (measured in BENCHMARKS.md). A smaller one
+// as much arithmetic as the main kernel, which is what limits both (measured in docs/kernels.md). A smaller one
 // (small batches, detection-size maps) gets enough segments to cover the resident blocks twice and to keep the
 // samples in flight (blocks go sample by sample) within half the L2 cache, with bytes_per_element bytes per
 // (position, channel) live there; no segment is shorter than kMinSegmentChunks chunks.

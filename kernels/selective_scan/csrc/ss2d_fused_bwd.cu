@@ -2,14 +2,14 @@
 // carry g_t = a_t dh_t. Each warp walks its route segment's chunks from the last, starting from the carry
 // entering the segment from its end: recomputes the chunk's forward from the checkpoint (h, dt, x, dy kept in
 // registers), then walks it in reverse. A chunk's x, dy and checkpoint are loaded while the chunk after it (the
-// one walked before) contracts its row gradients, so the walk rarely waits for memory (measured in BENCHMARKS.md:
+// one walked before) contracts its row gradients, so the walk rarely waits for memory (measured in docs/kernels.md:
 // the backward at VMamba-T's stage 1 went from 1.45 to 1.31 ms).
 //
 // Per step, the route's part of dx (lane = channel) is stored into its own map du_k in x's dtype, as the unfused
 // path's per-route scans round it: each (route, position, channel) is written once, so there are no atomics and
 // no zero-filled buffer, and the caller sums the four maps in one pass. Against fp32 atomic adds into one dx
 // (four DRAM read-modify-writes per element) the op went from 1.27-1.30 to 1.21-1.25 ms at VMamba-T's stage 1
-// (BENCHMARKS.md).
+// (docs/kernels.md).
 //
 // The gradient of the route's x_dbl row at each position ([d dt-rank values..., dB, dC]) is a sum over the warp's
 // 32 channels: the reverse walk leaves each lane's terms in shared memory, and once per chunk the lanes contract

@@ -7,7 +7,7 @@
 // times the decay since the chunk's start); the block then hands the states along its warps in shared memory (one
 // multiply-add per warp), and each warp adds its outputs. Splitting a route over a block's warps lets a few
 // samples fill the GPU: blocks go sample by sample, so the samples in flight keep their y, x and x_dbl rows in
-// L2, and the four routes' adds into y are L2 rather than DRAM read-modify-writes (measured in BENCHMARKS.md:
+// L2, and the four routes' adds into y are L2 rather than DRAM read-modify-writes (measured in docs/kernels.md:
 // 0.65 against 0.82 ms at VMamba-T's stage 1). Short routes and segmented ones (small batches) keep one warp per
 // route: there tiles were measured slower (a tile's idle warps at the route's end, and the summary pass).
 #include "ss2d_fused.cuh"
