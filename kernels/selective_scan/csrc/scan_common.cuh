@@ -262,7 +262,7 @@ __device__ __forceinline__ float log1p_ratio(float e) {
 // exp(sum dt*A) over thousands of steps, so its relative error is what counts: here at most ~2e-7 plus
 // |x| * 6e-8 from rounding x*log2(e) (under 1e-6 for the |x| < 10 that matter), in a third of the
 // instructions of the libm pair log1pf(expf(x)). Above the threshold 20, log1p(exp(-x)) is under half an
-// ulp of x, so the result is exactly x, as the spec's threshold asks.
+// ulp of x, so the result is exactly x, as F.softplus(x, threshold=20) (mamba's reference) returns.
 __device__ __forceinline__ float softplus(float x, float& e) {
   e = fast_exp2(-fabsf(x) * kLog2e);
   return fmaf(e, log1p_ratio(e), fmaxf(x, 0.f));
