@@ -20,7 +20,8 @@ Formats:
   machine code for --device. The selective-scan ops are called through the dispatcher, so the package runs
   without the Python model code where the kernel extension is loaded
   (`torch.ops.load_library(<site-packages>/selective_scan/_C*.so)`).
---dynamic-size (a dynamic H and W) is for torch-export and aoti; the ONNX graph is specialised to one size.
+--dynamic-size (H and W any multiples of 32 from 64, a fixed batch) is for torch-export and aoti; the ONNX graph
+is specialised to one size.
 """
 import argparse
 import math
@@ -38,6 +39,7 @@ from analyze.common import AnalyzeError, IMAGENET_MEAN, IMAGENET_STD, ModelSpec,
 FORMATS = ("onnx", "torch-export", "aoti")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 ONNX_OPSET = 18
+STRIDE = 32  # the total stride of the four stages
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -71,16 +73,20 @@ def _dynamic_shapes(dynamic_batch: bool, dynamic_size: bool):
     dims = {}
     if dynamic_batch:
         dims[0] = torch.export.Dim("batch", min=1, max=4096)
-    if dynamic_size:
-        dims[2] = torch.export.Dim("height", min=32, max=4096)
-        dims[3] = torch.export.Dim("width", min=32, max=4096)
+    if dynamic_size:  # multiples of the total stride: the v1 downsampling pads odd maps, a branch on the size
+        dims[2] = STRIDE * torch.export.Dim("height_blocks", min=2, max=128)
+        dims[3] = STRIDE * torch.export.Dim("width_blocks", min=2, max=128)
     return (dims,)
 
 
 def capture(model: nn.Module, images: torch.Tensor, dynamic_batch: bool = False,
             dynamic_size: bool = False) -> torch.export.ExportedProgram:
-    """torch.export.export of the model in inference mode (the selective-scan ops kept as single ops)."""
-    with torch.no_grad():
+    """torch.export.export of the model in inference mode (the selective-scan ops kept as single ops). Dynamic
+    sizes are traced size-obliviously: a size that is 1 in the example (say one checkpoint chunk of a stage's
+    scan) must not become a constant of the graph."""
+    from torch.fx.experimental import _config as shape_config
+
+    with torch.no_grad(), shape_config.patch(backed_size_oblivious=dynamic_size):
         return torch.export.export(model, (images,), dynamic_shapes=_dynamic_shapes(dynamic_batch, dynamic_size))
 
 
@@ -138,7 +144,8 @@ EXPORTERS = {"onnx": export_onnx, "torch-export": export_torch, "aoti": export_a
 
 
 # ----------------------------------------------------------------------------- checks and timing
-def check_request(fmt: str, device: torch.device, dynamic_size: bool, out: Path):
+def check_request(fmt: str, device: torch.device, dynamic_batch: bool, dynamic_size: bool, out: Path,
+                  size: Sequence[int]):
     """Refuse, with the reason, what a format cannot do (before any model is built)."""
     if fmt not in FORMATS:
         raise AnalyzeError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
@@ -147,6 +154,12 @@ def check_request(fmt: str, device: torch.device, dynamic_size: bool, out: Path)
     if fmt == "onnx" and dynamic_size:
         raise AnalyzeError("the ONNX export is specialised to one input size (the scan's chunking and the route "
                            "orders are constants of the graph): drop --dynamic-size and export each size you need")
+    if dynamic_size and dynamic_batch:
+        raise AnalyzeError("--dynamic-size takes a fixed batch (traced size-obliviously, the batch would be "
+                           "specialised): drop --dynamic-batch or --dynamic-size")
+    if dynamic_size and any(side % STRIDE or side < 2 * STRIDE for side in size):
+        raise AnalyzeError(f"--dynamic-size exports H and W as multiples of {STRIDE} from {2 * STRIDE} (the models' "
+                           f"total stride): give a --size of such sides, got {size[0]}x{size[1]}")
     if fmt == "onnx" and device.type != "cpu":
         raise AnalyzeError("the ONNX export runs on the CPU (its check runs ONNX Runtime's CPU execution "
                            "provider): use --device cpu")
@@ -179,7 +192,7 @@ def export_and_check(spec: ModelSpec, fmt: str, size: Sequence[int], out: Path, 
     if dtype not in DTYPES:
         raise AnalyzeError(f"unknown dtype {dtype!r}; valid: {', '.join(DTYPES)}")
     torch_device = torch.device(device)
-    check_request(fmt, torch_device, dynamic_size, out)
+    check_request(fmt, torch_device, dynamic_batch, dynamic_size, out, size)
     height, width = size
     if batch < 1 or height < 1 or width < 1:
         raise AnalyzeError(f"batch and size must be positive, got batch {batch}, size {height}x{width}")
@@ -213,7 +226,8 @@ def main(argv: Optional[Sequence[str]] = None):
     batch = parser.add_mutually_exclusive_group()
     batch.add_argument("--batch", type=int, default=1, help="batch size of a fixed-batch export (default 1)")
     batch.add_argument("--dynamic-batch", action="store_true", help="export with a dynamic batch dimension")
-    parser.add_argument("--dynamic-size", action="store_true", help="dynamic H and W (torch-export, aoti)")
+    parser.add_argument("--dynamic-size", action="store_true",
+                        help="dynamic H and W, multiples of 32 (torch-export, aoti)")
     parser.add_argument("--dtype", default="fp32", help="fp32 or fp16 (model and input)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (torch-export and aoti; onnx exports on cpu)")
     parser.add_argument("--image", default=None, help="image to check on (default: scikit-learn's sample photos)")
