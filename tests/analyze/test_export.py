@@ -128,6 +128,7 @@ def test_torch_export_with_a_dynamic_size_runs_other_sizes(tmp_path):
         torch.testing.assert_close(run(images), model(images), rtol=0, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_fp16_onnx_export_runs_on_the_cpu(tmp_path):
     result = _check(tmp_path, "test_vmamba", "onnx", "onnx", dtype="fp16")
     assert result["max_abs_diff"] <= 1e-2  # fp16 logits of a random-init model (|logits| ~ 1)

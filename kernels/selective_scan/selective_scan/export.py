@@ -1,29 +1,29 @@
-"""The selective scan and SS2D's core without data-dependent control flow, for graph exporters (ONNX).
+"""The selective scan and SS2D's core without loops or data-dependent branches, for ONNX export.
 
-The package's ops (`selective_scan::fwd`, `selective_scan_ss2d::fwd`, `selective_scan_ln::fwd`) stay single ops in
-torch.export graphs (their fake kernels give the shapes) and AOTInductor calls their compiled kernels. An ONNX
-runtime has no such kernels, so `DECOMPOSITIONS` maps each forward op to a function made of standard tensor ops
-only: `ExportedProgram.run_decompositions(DECOMPOSITIONS)` rewrites an exported model into a graph that
-torch.onnx translates op for op (`decompose_for_onnx`). The other outputs of the ops (the checkpoints a compiled
-backward reads, LayerNorm's statistics) come back empty: an inference graph does not read them.
+The package's ops stay single ops in torch.export graphs (their fake kernels give the shapes) and AOTInductor calls
+their compiled kernels. An ONNX runtime has no such kernels: `decompose_for_onnx` rewrites a program exported on the
+CPU (ExportedProgram.run_decompositions) so that `selective_scan::fwd` and `selective_scan_ss2d::fwd` become the
+standard tensor ops below, which torch.onnx translates op for op. (The CUDA-only LayerNorm op never appears in a
+CPU program.) The ops' other output, the checkpoints a compiled backward reads, comes back empty: an inference
+graph does not read it.
 
-The recurrence h_t = exp(x_t) h_{t-1} + b_t (x = dt * A, the log decay of a step) is evaluated in chunks of
-CHUNK steps without any loop or branch in the graph. Inside a chunk, with s_t the chunk-local inclusive cumsum
-of x and r = s at the chunk's middle step, the zero-initialised state is the closed form
+The recurrence h_t = exp(x_t) h_{t-1} + b_t (x = dt * A, a step's log decay) is evaluated in chunks of CHUNK steps.
+Inside a chunk, with s_t the chunk-local inclusive cumsum of x and r = s at the chunk's middle step, the
+zero-initialised state is the closed form
 
     h_t = exp(s_t - r) * sum_{k <= t} exp(r - s_k) b_k,
 
-and the state entering each chunk comes from the same scan, one level up, over the chunks' end states and total
-log decays (the recursion unrolls at export time: the sequence length is fixed per export). Every exponent stays
-within +-(CHUNK / 2) * STEP_LIMIT because each step's log decay is clamped to +-STEP_LIMIT: a step that decays
-the state by more than exp(-20) (2e-9, below float32 resolution relative to the state) is taken as decaying it by
-exactly that much, so nothing overflows for any dt and the result differs from the exact recurrence by less than
-float32 rounding of the previous state. (Growth by more than exp(20) per step is likewise clamped; VMamba's
-A = -exp(A_log) and dt = softplus(.) never grow.) The stable scans in torch_scan.py check each chunk at run time
-instead, which an exported graph cannot do.
+and the state entering each chunk comes from the same scan one level up, over the chunks' total log decays and
+local end states (the recursion unrolls at export time: the sequence length is fixed per export). Each step's log
+decay is clamped to +-STEP_LIMIT, so every exponent stays within +-(CHUNK / 2) * STEP_LIMIT = +-68 and nothing
+overflows for any dt: a step (or, one level up, a chunk) that decays the state by more than exp(-17) = 4e-8, below
+float32's unit roundoff (6e-8), is taken as decaying it by exactly that much, an error below the rounding of the
+state it decays. (Growth beyond exp(17) per step is clamped likewise; VMamba's A = -exp(A_log) with dt >= 0 never
+grows.) torch_scan.py's stable scan checks each chunk at run time instead, which an exported graph cannot do.
 
-Tensors keep their natural layout: the SS2D core scans along the position axis of channels-last (B, 4, L, D)
-maps, so nothing is transposed except the column-major routes.
+For ONNX Runtime's CPU provider, which runs one node at a time over whole tensors, the SS2D core is written for few
+passes over memory (`ss2d_export`): each route on its own channels-last (B, L, D) maps gathered in the route's
+order, softplus as log(sigmoid(.)) (its Softplus kernel is scalar code), the routes' chunk-level scans as one.
 """
 
 from __future__ import annotations
@@ -206,21 +206,11 @@ def _ss2d_fwd(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     return ss2d_export(x, x_dbl, dt_weight, dt_bias, A_log, Ds), x.new_empty(0, dtype=torch.float32)
 
 
-def _layer_norm_fwd(x, weight, bias, eps, out_dtype):
-    y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(out_dtype)
-    stats = x.new_empty(0, dtype=torch.float32)
-    return y, stats, stats
-
-
-def _decompositions() -> dict:
-    table = {torch.ops.selective_scan.fwd.default: _scan_fwd,
-             torch.ops.selective_scan_ss2d.fwd.default: _ss2d_fwd}
-    if hasattr(torch.ops.selective_scan_ln, "fwd"):  # the LayerNorm ops exist where the CUDA kernels are built
-        table[torch.ops.selective_scan_ln.fwd.default] = _layer_norm_fwd
-    return table
+_DECOMPOSITIONS = {torch.ops.selective_scan.fwd.default: _scan_fwd,
+                   torch.ops.selective_scan_ss2d.fwd.default: _ss2d_fwd}
 
 
 def decompose_for_onnx(program: torch.export.ExportedProgram) -> torch.export.ExportedProgram:
     """`program` with every forward op of this package replaced by its standard-op formulation above; the rest of
     the graph is left to torch.onnx (which keeps e.g. layer_norm whole)."""
-    return program.run_decompositions(_decompositions())
+    return program.run_decompositions(_DECOMPOSITIONS)
