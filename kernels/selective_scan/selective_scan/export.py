@@ -176,13 +176,13 @@ def ss2d_export(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_
         rows = x_dbl.index_select(1, own_projection)  # (B, L, R + 2N): the route's own projection, in its order
         dt_rows = torch.cat([rows[..., :rank], torch.ones_like(rows[..., :1])], 2)
         minus_dt = _log_sigmoid(torch.matmul(dt_rows, weights[k])).unsqueeze(3)  # (B, L, D, 1)
-        u = x.index_select(1, order).unsqueeze(3)
+        u = (x if k == 0 else x.index_select(1, order)).unsqueeze(3)  # route 0 is raster order
         minus_B = -rows[..., rank:rank + n_state].unsqueeze(2)  # (B, L, 1, N)
         route_chunks, decay, end_state = _scan_chunks(minus_dt * A_abs[k], (minus_dt * u) * minus_B, dim=1)
         chunks.append(route_chunks)
         decays.append(decay)
         end_states.append(end_state)
-        readouts.append((rows[..., rank + n_state:].unsqueeze(2), None if k == 0 else inverse))  # route 0: raster
+        readouts.append((rows[..., rank + n_state:].unsqueeze(2), None if k == 0 else inverse))
     if end_states[0].shape[1] > 1:  # one scan over the chunks of all four routes
         end_states = linear_scan(torch.cat(decays, 2), torch.cat(end_states, 2), dim=1).chunk(routes, 2)
     else:
