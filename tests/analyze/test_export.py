@@ -191,7 +191,9 @@ def test_tiny_models_export_to_onnx_and_torch_export(tmp_path, name):
     assert _check(tmp_path, name, "torch-export", "pt2")["max_abs_diff"] == 0.0
 
 
+# 27 full-size exports (an AOTInductor build of VMamba-B alone takes minutes on 2 cores): opt-in, not in CI's time
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("VMAMBA_EXPORT_ALL") != "1", reason="set VMAMBA_EXPORT_ALL=1 to export all nine")
 @pytest.mark.parametrize("name", PUBLISHED)
 @pytest.mark.parametrize("fmt,suffix", [("onnx", "onnx"), ("torch-export", "pt2"), ("aoti", "pt2")])
 def test_every_published_model_exports(tmp_path, name, fmt, suffix):
