@@ -8,8 +8,12 @@ import argparse
 import os
 import os.path as osp
 
-from mmengine.config import Config, DictAction
-from mmengine.runner import Runner
+try:
+    from mmengine.config import Config, DictAction
+    from mmengine.runner import Runner
+except ImportError as error:  # the base environment (./dev.sh demo) has no OpenMMLab stack
+    raise SystemExit(f'{error.name} is not installed: the detection / segmentation tools need mmengine, mmcv, '
+                     'mmdet and mmseg; install them with ./dev.sh setup --mm') from None
 
 
 def _trust_runner_checkpoints():
