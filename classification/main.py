@@ -398,8 +398,10 @@ def main(argv=None):
         if config.TRAIN.COMPILE not in COMPILE_MODES:
             raise ValueError(f"TRAIN.COMPILE {config.TRAIN.COMPILE!r} is not a torch.compile mode; valid: "
                              f"{list(COMPILE_MODES)} or '' (eager)")
-        # the compiled module shares its parameters with model_without_ddp, which checkpoints and the EMA use
-        model = torch.compile(model, mode=config.TRAIN.COMPILE)
+        # the compiled module shares its parameters with model_without_ddp, which checkpoints and the EMA use.
+        # Static shapes: a new batch shape (the last evaluation batch) compiles its own graph, because inductor
+        # (torch 2.14) fails on symbolic strides of the channels-last activations saved for backward.
+        model = torch.compile(model, mode=config.TRAIN.COMPILE, dynamic=False)
         logger.info(f"torch.compile(mode={config.TRAIN.COMPILE!r}): the first steps of training and of evaluation "
                     "compile the model")
     grad_update = GradientUpdate(use_grad_scaler=device.type == "cuda" and config.AMP_ENABLE

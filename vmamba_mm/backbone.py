@@ -35,14 +35,17 @@ class MM_VSSM(Backbone_VSSM):
         if compile not in (False, None, True) and not isinstance(compile, str):
             raise TypeError(f'MM_VSSM: compile must be a bool or a torch.compile mode, got {compile!r}')
         self.compile_mode = 'default' if compile is True else (compile or None)
-        self._compiled_forward = None  # built at the first call, so the module stays copyable until then
+        self._compiled_forwards = {}  # built at the first call, so the module stays copyable until then
 
     def forward(self, x):
         if self.compile_mode is None:
             return super().forward(x)
-        if self._compiled_forward is None:
-            self._compiled_forward = torch.compile(super().forward, mode=self.compile_mode)
-        return self._compiled_forward(x)
+        if self.training not in self._compiled_forwards:
+            # Training compiles one graph per input shape: inductor (torch 2.14) fails on symbolic strides of the
+            # channels-last activations saved for backward. Inference takes new shapes symbolically.
+            self._compiled_forwards[self.training] = torch.compile(
+                super().forward, mode=self.compile_mode, dynamic=False if self.training else None)
+        return self._compiled_forwards[self.training](x)
 
     def init_weights(self):
         if self.pretrained is None:

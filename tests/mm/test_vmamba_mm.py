@@ -54,25 +54,31 @@ def test_authors_classification_checkpoint_loads_into_mm_vssm(tmp_path):
 @pytest.mark.slow
 def test_compiled_backbone_trains_like_the_eager_one():
     """compile=True (a config option: backbone=dict(..., compile=True)) runs the backbone through
-    torch.compile: a few optimizer steps give the eager run's features and weights."""
+    torch.compile: optimizer steps on batches of changing sizes (as detection batches are) give the eager
+    run's weights, and evaluation at new sizes its features."""
     from vmamba_mm.backbone import MM_VSSM
     kwargs = dict(dims=16, depths=(1, 1, 1, 1), ssm_d_state=1, ssm_ratio=1.0, forward_type='v05_noz',
                   mlp_ratio=2.0, downsample_version='v3', patchembed_version='v2', norm_layer='ln2d',
                   drop_path_rate=0.0)
-    images = torch.randn(2, 3, 64, 96, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(0)
+    train_images = [torch.randn(2, 3, h, w, generator=generator) for h, w in ((64, 96), (96, 64))]
+    test_images = [torch.randn(1, 3, h, w, generator=generator) for h, w in ((64, 64), (96, 128))]
     runs = {}
     for compile_mode in (False, True):
         torch.manual_seed(0)
         backbone = MM_VSSM(compile=compile_mode, **kwargs).train()
         optimizer = torch.optim.SGD(backbone.parameters(), lr=0.1)
-        for _ in range(3):
+        for images in train_images:
             optimizer.zero_grad()
             sum(f.square().mean() for f in backbone(images)).backward()
             optimizer.step()
-        runs[compile_mode] = [f.detach() for f in backbone(images)], backbone.state_dict()
+        backbone.eval()
+        with torch.no_grad():
+            runs[compile_mode] = [backbone(images) for images in test_images], backbone.state_dict()
     assert MM_VSSM(compile=True, **kwargs).compile_mode == 'default'
     for eager, compiled in zip(runs[False][0], runs[True][0]):
-        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
+        for eager_map, compiled_map in zip(eager, compiled):
+            torch.testing.assert_close(compiled_map, eager_map, rtol=1e-4, atol=1e-4)
     for key, value in runs[False][1].items():
         torch.testing.assert_close(runs[True][1][key], value, rtol=1e-4, atol=1e-4, msg=key)
     with pytest.raises(TypeError, match='compile must be a bool or a torch.compile mode'):
