@@ -120,7 +120,8 @@ def chosen_archs(cuda_home: str):
     return archs
 
 
-CPU_SOURCES = ["csrc/ops.cpp", "csrc/cpu/scan_cpu.cpp", "csrc/cpu/ss2d_cpu.cpp"]
+# the longest compile first: ninja starts them in this order
+CPU_SOURCES = ["csrc/cpu/scan_cpu.cpp", "csrc/ops.cpp", "csrc/cpu/ss2d_cpu.cpp"]
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/scan_fwd.cu", "csrc/scan_bwd.cu", "csrc/ss2d_bindings.cpp",
                 "csrc/ss2d_fused_fwd.cu", "csrc/ss2d_fused_bwd.cu", "csrc/ss2d_segments.cu", "csrc/layer_norm.cu"]
 

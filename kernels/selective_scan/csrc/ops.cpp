@@ -1,12 +1,16 @@
-// The extension module `selective_scan._C`: the schemas of every dispatcher op family (their kernels register
-// with TORCH_LIBRARY_IMPL: the CPU kernels in cpu/*.cpp, always built; the CUDA kernels in *.cu and their
-// bindings, built when a CUDA toolkit and a CUDA torch are there) and what the build contains.
+// The extension module `selective_scan._C`: the schemas of every dispatcher op family, the registration of the CPU
+// kernels (cpu/*.cpp, always built) and what the build contains. The CUDA kernels (*.cu and their bindings, built
+// when a CUDA toolkit and a CUDA torch are there) register themselves with TORCH_LIBRARY_IMPL(..., CUDA).
 // Without the extension selective_scan/ops.py defines the same schemas in Python.
-#include <torch/extension.h>
+//
+// The module itself is plain CPython (two functions need no pybind11), and only torch/library.h is included:
+// torch/extension.h made this file most of the extension's compile time.
+#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
 
+#include "cpu/kernels.h"
 #include "cpu/vec.h"
 
 #ifndef SELECTIVE_SCAN_BUILD_INFO
@@ -33,6 +37,16 @@ TORCH_LIBRARY(selective_scan_ln, m) {
   m.def("bwd(Tensor dy, Tensor x, Tensor weight, Tensor mean, Tensor rstd) -> (Tensor, Tensor, Tensor)");
 }
 
+TORCH_LIBRARY_IMPL(selective_scan, CPU, m) {
+  m.impl("fwd", &selective_scan::cpu::scan_fwd);
+  m.impl("bwd", &selective_scan::cpu::scan_bwd);
+}
+
+TORCH_LIBRARY_IMPL(selective_scan_ss2d, CPU, m) {
+  m.impl("fwd", &selective_scan::cpu::ss2d_fwd);
+  m.impl("bwd", &selective_scan::cpu::ss2d_bwd);
+}
+
 namespace {
 
 // The instruction set the CPU kernels run with on this machine.
@@ -47,15 +61,30 @@ std::string cpu_kernel_isa() {
 #endif
 }
 
-}  // namespace
+PyObject* build_info(PyObject*, PyObject*) {
+  const std::string info = "CPU kernels for " + cpu_kernel_isa() + "; " SELECTIVE_SCAN_BUILD_INFO;
+  return PyUnicode_FromString(info.c_str());
+}
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Selective-scan (S6), fused SS2D and LayerNorm kernels for VMamba (registered as dispatcher ops)";
-  m.def("build_info", [] { return "CPU kernels for " + cpu_kernel_isa() + "; " SELECTIVE_SCAN_BUILD_INFO; },
-        "what this extension contains");
+PyObject* has_cuda(PyObject*, PyObject*) {
 #ifdef SELECTIVE_SCAN_WITH_CUDA
-  m.def("has_cuda", [] { return true; }, "whether the CUDA kernels are built");
+  Py_RETURN_TRUE;
 #else
-  m.def("has_cuda", [] { return false; }, "whether the CUDA kernels are built");
+  Py_RETURN_FALSE;
 #endif
 }
+
+PyMethodDef methods[] = {
+    {"build_info", build_info, METH_NOARGS, "what this extension contains"},
+    {"has_cuda", has_cuda, METH_NOARGS, "whether the CUDA kernels are built"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "_C",
+    "Selective-scan (S6), fused SS2D and LayerNorm kernels for VMamba (registered as dispatcher ops)", -1, methods,
+};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__C() { return PyModule_Create(&module); }

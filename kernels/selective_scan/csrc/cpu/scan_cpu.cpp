@@ -1,4 +1,5 @@
-// The selective scan (S6) on the CPU: selective_scan::fwd / ::bwd for CPU tensors.
+// The selective scan (S6) on the CPU: the kernels of selective_scan::fwd / ::bwd for CPU tensors (ops.cpp registers
+// them).
 //
 // Work split: one task per (batch, B/C group, block of kLanes channels of that group), run with at::parallel_for.
 // A task walks the sequence in chunks of kChunk steps: it transposes the chunk's rows of u and delta into
@@ -8,15 +9,19 @@
 // checkpoint and runs the reverse recurrence through it. Sums over the channels of a group (dB, dC) are summed
 // per task and added over tasks afterwards; per-channel sums over the batch (dA, dD, ddelta_bias) likewise.
 // Compute is fp32 for float32, float16 and bfloat16 inputs (float64 runs the PyTorch implementation).
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace selective_scan {
@@ -346,11 +351,13 @@ std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
   return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& u_in, const at::Tensor& delta_in,
-                                                   const at::Tensor& A_in, const at::Tensor& B_in,
-                                                   const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
-                                                   const std::optional<at::Tensor>& bias_in, bool softplus,
-                                                   bool out_float) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> scan_fwd(const at::Tensor& u_in, const at::Tensor& delta_in,
+                                                        const at::Tensor& A_in, const at::Tensor& B_in,
+                                                        const at::Tensor& C_in, const std::optional<at::Tensor>& D_in,
+                                                        const std::optional<at::Tensor>& bias_in, bool softplus,
+                                                        bool out_float) {
   const TaskFn fn = pick(u_in.scalar_type(), scan_fwd_f32, scan_fwd_f16, scan_fwd_bf16);
   const auto u = u_in.contiguous(), delta = delta_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
              C = C_in.contiguous();
@@ -370,12 +377,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fwd(const at::Tensor& u_in, const
   return {out, last_state, checkpoints};
 }
 
-using Grads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-Grads bwd(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlast_in, const at::Tensor& u_in,
-          const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
-          const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& bias_in,
-          const at::Tensor& checkpoints, bool softplus) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> scan_bwd(
+    const at::Tensor& dout_in, const std::optional<at::Tensor>& dlast_in, const at::Tensor& u_in,
+    const at::Tensor& delta_in, const at::Tensor& A_in, const at::Tensor& B_in, const at::Tensor& C_in,
+    const std::optional<at::Tensor>& D_in, const std::optional<at::Tensor>& bias_in, const at::Tensor& checkpoints,
+    bool softplus) {
   const TaskFn fn = pick(u_in.scalar_type(), scan_bwd_f32, scan_bwd_f16, scan_bwd_bf16);
   const auto u = u_in.contiguous(), delta = delta_in.contiguous(), A = A_in.contiguous(), B = B_in.contiguous(),
              C = C_in.contiguous(), dout = dout_in.contiguous();
@@ -427,11 +433,5 @@ Grads bwd(const at::Tensor& dout_in, const std::optional<at::Tensor>& dlast_in, 
           D ? dD.sum(0) : at::empty({0}, u.options()), ddelta_bias};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace selective_scan
-
-TORCH_LIBRARY_IMPL(selective_scan, CPU, m) {
-  m.impl("fwd", &selective_scan::cpu::fwd);
-  m.impl("bwd", &selective_scan::cpu::bwd);
-}

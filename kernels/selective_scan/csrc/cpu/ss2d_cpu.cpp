@@ -1,6 +1,6 @@
-// The fused SS2D core on the CPU: selective_scan_ss2d::fwd / ::bwd for CPU tensors (the contract of
-// selective_scan/ss2d.py: the four cross2d routes, dt = softplus(W_dt x_dbl + bias) per step, the routes' outputs
-// added into one fp32 map), for any d_state N and dt rank R.
+// The fused SS2D core on the CPU: the kernels of selective_scan_ss2d::fwd / ::bwd for CPU tensors, which ops.cpp
+// registers (the contract of selective_scan/ss2d.py: the four cross2d routes, dt = softplus(W_dt x_dbl + bias) per
+// step, the routes' outputs added into one fp32 map), for any d_state N and dt rank R.
 //
 // Work split: one task per (batch, block of kLanes channels), run with at::parallel_for. A task walks the four
 // routes one after another through their index maps over the channels-last map, so a step reads kLanes
@@ -12,9 +12,12 @@
 // Its sums over channels (the gradient of x_dbl's B and C columns) are summed per task and added over tasks
 // afterwards; the gradients of the dt projection (x_dbl's dt-rank columns, W_dt, the bias) are GEMMs and sums
 // over d(dt pre-activation), which the kernel writes out.
-#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/bmm.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -22,6 +25,7 @@
 #include <tuple>
 #include <vector>
 
+#include "kernels.h"
 #include "vec.h"
 
 namespace selective_scan {
@@ -321,9 +325,11 @@ Ss2dArgs make_args(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tenso
   return a;
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x_in, const at::Tensor& x_dbl_in,
-                                       const at::Tensor& dt_weight_in, const at::Tensor& dt_bias_in,
-                                       const at::Tensor& A_log_in, const at::Tensor& Ds_in) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> ss2d_fwd(const at::Tensor& x_in, const at::Tensor& x_dbl_in,
+                                            const at::Tensor& dt_weight_in, const at::Tensor& dt_bias_in,
+                                            const at::Tensor& A_log_in, const at::Tensor& Ds_in) {
   const TaskFn fn = pick(x_in.scalar_type(), ss2d_fwd_f32, ss2d_fwd_f16, ss2d_fwd_bf16);
   const auto x = x_in.contiguous(), x_dbl = x_dbl_in.contiguous(), dt_weight = dt_weight_in.contiguous(),
              dt_bias = dt_bias_in.contiguous(), A_log = A_log_in.contiguous(), Ds = Ds_in.contiguous();
@@ -339,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x_in, const at::Tensor&
   return {y, ckpt};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> bwd(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> ss2d_bwd(
     const at::Tensor& dy_in, const at::Tensor& x_in, const at::Tensor& x_dbl_in, const at::Tensor& dt_weight_in,
     const at::Tensor& dt_bias_in, const at::Tensor& A_log_in, const at::Tensor& Ds_in, const at::Tensor& ckpt) {
   const TaskFn fn = pick(x_in.scalar_type(), ss2d_bwd_f32, ss2d_bwd_f16, ss2d_bwd_bf16);
@@ -374,15 +380,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto drank = at::bmm(dz, dt_weight).transpose(0, 1);                      // (rows, 4, R)
   const auto ddt_weight = at::bmm(dz.transpose(1, 2), rank_rows);                  // (4, D, R)
   const auto dx_dbl = at::cat({drank, dbc.sum(0)}, 2).view(x_dbl.sizes()).to(x_dbl.scalar_type());
-  const auto dA_log = dA.sum(0) * -A_log.exp();  // dA/dA_log = A = -exp(A_log)
+  const auto dA_log = dA.sum(0).mul(A_log.exp().neg());  // dA/dA_log = A = -exp(A_log)
   return {dx.to(x.scalar_type()), dx_dbl, ddt_weight, dz.sum(1), dA_log, dD.sum(0)};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace selective_scan
-
-TORCH_LIBRARY_IMPL(selective_scan_ss2d, CPU, m) {
-  m.impl("fwd", &selective_scan::cpu::fwd);
-  m.impl("bwd", &selective_scan::cpu::bwd);
-}
