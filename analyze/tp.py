@@ -5,9 +5,14 @@ The protocol of the paper's throughput columns (arXiv 2401.10166, as the authors
 batch 128, 50 warm-up then 30 timed forwards between CUDA synchronizes; the same under autocast
 gives the AMP column. Training is model.train() under autocast: forward, cross-entropy, backward,
 no optimizer step. A batch that runs out of memory is halved and retried (the batch used is recorded).
+At batch 1 each step is also timed on its own (waited for), giving the latency columns (median and p90 ms).
+--compile runs the models through torch.compile (FLOPs are counted on the uncompiled model; the warm-up
+steps absorb the compilation, so keep --warmup at a few steps at least).
 
     python analyze/tp.py --model vmamba_tiny_s1l8 swin_tiny_patch4_window7_224 convnext_tiny
     python analyze/tp.py --model vmamba_tiny_s1l8 --batch-size 32 --sizes 224 288 384 512 640 768 1024
+    python analyze/tp.py --model vmamba_tiny_s1l8 swin_tiny_patch4_window7_224 --batch-size 1 --iters 100 \
+        --modes infer_amp --compile reduce-overhead                                  # batch-1 latency, compiled
     python analyze/tp.py --model resnet18 --device cpu --batch-size 2 --warmup 1 --iters 2   # smoke run
 
 Writes tp.csv and tp.json (and scaleup.png with several sizes) under --out.
@@ -17,6 +22,7 @@ import gc
 import json
 import math
 import platform
+import statistics
 import time
 import warnings
 from typing import Dict, List, Optional, Sequence
@@ -32,6 +38,7 @@ from analyze.common import (ModelSpec, add_common_args, count_params, format_tab
                             write_csv)
 
 MODES = ("infer_fp32", "infer_amp", "train_amp")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 GIB = 2 ** 30
 
 
@@ -84,12 +91,22 @@ def _time_batch(model: nn.Module, mode: str, batch: int, img_size: int, device: 
     for _ in range(warmup):
         step()
     _synchronize(device)
+    if batch == 1:  # latency: every step waited for on its own
+        step_ms = []
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            _synchronize(device)
+            step_ms.append((time.perf_counter() - start) * 1e3)
+        return {"img_s": 1e3 * iters / sum(step_ms), "mem_gib": _peak_memory_gib(device), "batch": batch,
+                "median_ms": statistics.median(step_ms), "p90_ms": latency._p90(step_ms)}
     start = time.perf_counter()
     for _ in range(iters):
         step()
     _synchronize(device)
     elapsed = time.perf_counter() - start
-    return {"img_s": batch * iters / elapsed, "mem_gib": _peak_memory_gib(device), "batch": batch}
+    return {"img_s": batch * iters / elapsed, "mem_gib": _peak_memory_gib(device), "batch": batch,
+            "median_ms": math.nan, "p90_ms": math.nan}
 
 
 def time_mode(model: nn.Module, mode: str, batch: int, img_size: int, device: torch.device,
@@ -131,29 +148,34 @@ class FlopCounter:
 
 def benchmark(specs: Sequence[ModelSpec], sizes: Sequence[int], batch: int, modes: Sequence[str],
               device: torch.device, warmup: int, iters: int, amp_dtype: torch.dtype,
-              num_classes: int = 1000, count_flops: bool = True) -> List[dict]:
-    """One row per (model, size): params, GFLOPs, and img/s, peak memory and batch per mode."""
+              num_classes: int = 1000, count_flops: bool = True, compile_mode: str = "none") -> List[dict]:
+    """One row per (model, size): params, GFLOPs, and img/s, peak memory, batch and (at batch 1) latency per
+    mode, of the model run eagerly or through torch.compile(mode=compile_mode)."""
     flop_counter = FlopCounter() if count_flops else None
     rows = []
     jobs = [(spec, size) for spec in specs for size in sizes]
     for spec, size in tqdm(jobs, desc="models x sizes", unit="run"):
         model = prepare_model(spec, device, num_classes=num_classes, img_size=size)
-        row = {"model": spec.label, "img_size": size, "params_m": count_params(model) / 1e6,
+        row = {"model": spec.label, "compile": compile_mode, "img_size": size,
+               "params_m": count_params(model) / 1e6,
                "gflops": flop_counter.gflops(model, size, device) if flop_counter else math.nan}
+        # Static shapes: each size builds its own model, and a halved batch recompiles rather than going symbolic
+        runner = model if compile_mode == "none" else torch.compile(model, mode=compile_mode, dynamic=False)
         for mode in modes:
-            result = time_mode(model, mode, batch, size, device, warmup, iters, amp_dtype)
+            result = time_mode(runner, mode, batch, size, device, warmup, iters, amp_dtype)
             row.update({f"{mode}_{key}": value for key, value in result.items()})
             tqdm.write(f"  {spec.label} @ {size}: {mode} {result['img_s']:.1f} img/s "
                        f"(batch {result['batch']}, peak {result['mem_gib']:.2f} GiB)")
         rows.append(row)
-        del model
+        del model, runner
         _reset_peak_memory(device)
     return rows
 
 
-def csv_columns(modes: Sequence[str], with_batch: bool = True) -> List[str]:
-    columns = ["model", "img_size", "params_m", "gflops"]
-    for key in ("img_s", "mem_gib", "batch") if with_batch else ("img_s", "mem_gib"):
+def csv_columns(modes: Sequence[str], with_batch: bool = True, with_latency: bool = True) -> List[str]:
+    columns = ["model", "compile", "img_size", "params_m", "gflops"]
+    keys = ("img_s", "mem_gib") + (("batch",) if with_batch else ()) + (("median_ms", "p90_ms") if with_latency else ())
+    for key in keys:
         columns += [f"{mode}_{key}" for mode in modes]
     return columns
 
@@ -206,6 +228,8 @@ def parse_args(argv: Optional[Sequence[str]] = None):
     parser.add_argument("--amp-dtype", choices=("auto", "float16", "bfloat16"), default="auto",
                         help="autocast dtype: auto = float16 on CUDA, bfloat16 on the CPU")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                        help="torch.compile mode the models run under (default: none, eager)")
     return parser.parse_args(argv)
 
 
@@ -220,7 +244,8 @@ def main(argv: Optional[Sequence[str]] = None):
     out = prepare_out_dir(args.out)
 
     rows = benchmark(specs, args.sizes, args.batch_size, args.modes, device, args.warmup, args.iters,
-                     amp_dtype, num_classes=args.num_classes, count_flops=not args.no_flops)
+                     amp_dtype, num_classes=args.num_classes, count_flops=not args.no_flops,
+                     compile_mode=args.compile)
 
     columns = csv_columns(args.modes)
     outputs = [out / "tp.csv", out / "tp.json"]
@@ -228,7 +253,7 @@ def main(argv: Optional[Sequence[str]] = None):
     environment = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__, "batch_size": args.batch_size, "warmup": args.warmup,
-        "iters": args.iters, "amp_dtype": str(amp_dtype).replace("torch.", ""),
+        "iters": args.iters, "amp_dtype": str(amp_dtype).replace("torch.", ""), "compile": args.compile,
     }
     with open(outputs[1], "w") as handle:
         json.dump({"environment": environment, "rows": [_json_safe(row) for row in rows]}, handle, indent=2)
@@ -241,8 +266,9 @@ def main(argv: Optional[Sequence[str]] = None):
               for row in rows for mode in args.modes if row[f"{mode}_batch"] != args.batch_size]
     if halved:
         print("batch halved after running out of memory: " + "; ".join(halved))
-    print(format_table(rows, csv_columns(args.modes, with_batch=False)))
-    if device.type == "cpu":  # on the CPU, single-image latency is the number users meet (analyze/latency.py)
+    print(format_table(rows, csv_columns(args.modes, with_batch=False, with_latency=args.batch_size == 1)))
+    if device.type == "cpu" and args.batch_size != 1 and args.compile == "none":
+        # on the CPU, single-image latency is what users meet
         print("\nbatch-1 latency, fp32:")
         print(latency.table(latency.measure(specs, args.sizes[0], device, args.warmup, args.iters, args.num_classes)))
 

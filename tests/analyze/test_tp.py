@@ -26,6 +26,35 @@ def test_tp_command_writes_the_table_and_the_scaleup_plot(tmp_path):
     assert (tmp_path / "scaleup.png").stat().st_size > 1000
 
 
+def test_batch_one_reports_latency(tmp_path, capsys):
+    tp.main(["--model", "resnet18", "--device", "cpu", "--batch-size", "1", "--warmup", "0", "--iters", "3",
+             "--sizes", "32", "--modes", "infer_fp32", "--no-flops", "--out", str(tmp_path)])
+    with open(tmp_path / "tp.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["compile"] == "none" and row["infer_fp32_batch"] == "1"
+    assert 0 < float(row["infer_fp32_median_ms"]) <= float(row["infer_fp32_p90_ms"])
+    # img/s is the inverse of the mean step time, which lies between the fastest step and three times the median
+    assert 1e3 / (3 * float(row["infer_fp32_median_ms"])) < float(row["infer_fp32_img_s"])
+    out = capsys.readouterr().out
+    assert "infer_fp32_median_ms" in out and "batch-1 latency, fp32:" not in out  # the table already has it
+
+
+@pytest.mark.slow
+def test_compile_flag_times_the_compiled_model(tmp_path):
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    graphs_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    tp.main(["--model", "test_vmamba", "--device", "cpu", "--batch-size", "1", "--warmup", "1", "--iters", "2",
+             "--sizes", "32", "--modes", "infer_fp32", "train_amp", "--no-flops", "--compile", "default",
+             "--out", str(tmp_path)])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > graphs_before
+    (row,) = json.loads((tmp_path / "tp.json").read_text())["rows"]
+    assert row["compile"] == "default" and row["infer_fp32_median_ms"] > 0 and row["train_amp_median_ms"] > 0
+    with pytest.raises(SystemExit):
+        tp.parse_args(["--model", "resnet18", "--compile", "fast"])
+
+
 class _RunsOutOfMemoryAbove(nn.Module):
     """Raises CUDA's out-of-memory error for batches larger than `limit`."""
 
