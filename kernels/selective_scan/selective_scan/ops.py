@@ -14,6 +14,10 @@ layer_norm.py), one way for all of them:
   break, nothing traced inside), and AOTInductor can call the C++ registration;
 * a `torch.autograd.Function` calls the fwd op and, in its backward, the bwd op.
 
+The scan has a third implementation, Triton kernels (triton_scan.py): `backend="triton"` runs them, and
+`register_triton_cuda_kernels` makes them the ops' CUDA kernel where the extension has none
+(TRITON_AS_MISSING_CUDA_KERNEL below does so at import).
+
 Why not `torch.library.custom_op`: it gives the same compiled graphs, but its Python wrappers (argument
 normalisation, autograd and autocast layers written in Python) cost the host about twice as much per call:
 forward + backward of an op pair 56-65 us against 31-44 us, a forward without grad 13 us against 7-9 us
@@ -29,7 +33,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import torch_scan
+from . import torch_scan, triton_scan
 
 try:
     _C = importlib.import_module(f"{__package__}._C")  # the compiled extension (registers its kernels)
@@ -38,6 +42,11 @@ except ImportError as error:  # not built (no C++ compiler at install time)
     _C = None
     _EXTENSION_ERROR = str(error)
 _HAS_CUDA = _C is not None and _C.has_cuda()
+
+# Whether the Triton scan (triton_scan.py) becomes the ops' CUDA kernel where the extension has none (then CUDA
+# tensors take it by default and torch.compile sees the one op). Off until it is measured against the CUDA extension
+# on a GPU: until then CUDA tensors take the PyTorch path there, and backend="triton" runs it on request.
+TRITON_AS_MISSING_CUDA_KERNEL = False
 
 # The CUDA kernel processes L in tiles of this many steps and saves the state at the start of each tile
 # for its backward pass; it must match SCAN_TILE in csrc/scan_common.cuh.
@@ -119,16 +128,45 @@ define_ops("selective_scan", [
 ])
 
 
+_triton_is_cuda_kernel = False
+
+
+def register_triton_cuda_kernels() -> None:
+    """Registers the Triton scan as the CUDA kernel of `selective_scan::fwd` / `::bwd`, where the extension has no
+    CUDA kernels (it refuses to replace them); CUDA tensors then take it by default."""
+    global _triton_is_cuda_kernel
+    if _HAS_CUDA:
+        raise RuntimeError("selective_scan: the extension registers its CUDA kernels; the Triton scan does not "
+                           "replace them (use backend='triton' to run it)")
+    if not triton_scan.available():
+        raise RuntimeError("selective_scan: the Triton scan needs triton, which is not installed")
+    if _triton_is_cuda_kernel:
+        return
+    library = torch.library.Library("selective_scan", "IMPL")
+    library.impl("fwd", triton_scan.forward, "CUDA")
+    library.impl("bwd", triton_scan.backward, "CUDA")
+    _PYTHON_LIBRARIES.append(library)
+    _triton_is_cuda_kernel = True
+
+
+def triton_is_cuda_kernel() -> bool:
+    """Whether the ops' CUDA kernel is the Triton scan (register_triton_cuda_kernels)."""
+    return _triton_is_cuda_kernel
+
+
 def kernel_runs_on(device: torch.device) -> bool:
-    """Whether the scan ops run a compiled kernel (not the PyTorch implementation) for tensors on `device`."""
-    return compiled_kernels_for(device)
+    """Whether the scan ops run a kernel (not the PyTorch implementation) for tensors on `device`: the extension's,
+    or on CUDA the Triton scan once registered."""
+    return compiled_kernels_for(device) or (device.type == "cuda" and _triton_is_cuda_kernel)
 
 
 def checkpoint_steps(device: torch.device) -> int:
-    """Steps between the states the compiled forward saves for its backward (0: it saves none)."""
+    """Steps between the states the kernel's forward saves for its backward (0: it saves none)."""
     if not kernel_runs_on(device):
         return 0
-    return CUDA_TILE if device.type == "cuda" else CPU_CHUNK
+    if device.type == "cpu":
+        return CPU_CHUNK
+    return triton_scan.CHUNK if _triton_is_cuda_kernel else CUDA_TILE
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -150,6 +188,10 @@ def _bwd_torch(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, d
 # registered by call: the decorator form returns None, and _SelectiveScan calls these functions directly too
 torch.library.impl("selective_scan::fwd", "CompositeExplicitAutograd", _fwd_torch)
 torch.library.impl("selective_scan::bwd", "CompositeExplicitAutograd", _bwd_torch)
+
+
+if TRITON_AS_MISSING_CUDA_KERNEL and not _HAS_CUDA and triton_scan.available():
+    register_triton_cuda_kernels()
 
 
 @torch.library.register_fake("selective_scan::fwd")
@@ -174,17 +216,26 @@ def _bwd_fake(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, de
             u.new_empty(0) if delta_bias is None else torch.empty_like(delta_bias))
 
 
+# The forward and backward of each implementation `scan` can run: "op" the dispatcher ops (whatever kernel they have
+# for the device), "torch" the PyTorch implementation and "triton" the Triton kernels, called directly.
+_IMPLEMENTATIONS = {
+    "op": (torch.ops.selective_scan.fwd, torch.ops.selective_scan.bwd),
+    "torch": (_fwd_torch, _bwd_torch),
+    "triton": (triton_scan.forward, triton_scan.backward),
+}
+
+
 class _SelectiveScan(torch.autograd.Function):
-    """The op pair with its autograd rule; `use_op` False runs the PyTorch implementation directly (backend
-    "torch" where the op would run a compiled kernel)."""
+    """The op pair with its autograd rule; `impl` names the implementation (see _IMPLEMENTATIONS): "torch" runs the
+    PyTorch implementation where the op would run a kernel, "triton" the Triton kernels where the op does not."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, use_op):
-        fwd = torch.ops.selective_scan.fwd if use_op else _fwd_torch
+    def forward(ctx, u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, impl):
+        fwd = _IMPLEMENTATIONS[impl][0]
         y, last_state, checkpoints = fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
         ctx.save_for_backward(u, delta, A, B, C, D, delta_bias, checkpoints)
         ctx.delta_softplus = delta_softplus
-        ctx.use_op = use_op
+        ctx.impl = impl
         ctx.set_materialize_grads(False)
         return y, last_state
 
@@ -193,7 +244,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, delta_bias, checkpoints = ctx.saved_tensors
         if dy is None:
             dy = torch.zeros_like(u, dtype=torch.float32)
-        bwd = torch.ops.selective_scan.bwd if ctx.use_op else _bwd_torch
+        bwd = _IMPLEMENTATIONS[ctx.impl][1]
         du, ddelta, dA, dB, dC, dD, ddelta_bias = bwd(
             dy.contiguous(), None if dlast_state is None else dlast_state.contiguous(), u, delta, A, B, C, D,
             delta_bias, checkpoints, ctx.delta_softplus)
@@ -202,16 +253,17 @@ class _SelectiveScan(torch.autograd.Function):
 
 
 def scan(u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Optional[Tensor], delta_bias: Optional[Tensor],
-         delta_softplus: bool, out_float: bool, use_op: bool = True):
+         delta_softplus: bool, out_float: bool, impl: str = "op"):
     """The scan without argument checks or casts, for callers whose tensors already have the op's dtypes and
-    layouts (`selective_scan_fn` below, SS2D's unfused core): returns (y, last_state). float64 always runs the
-    PyTorch implementation (the compiled kernels compute in fp32)."""
-    use_op = use_op and u.dtype in _KERNEL_DTYPES
-    if torch.jit.is_tracing() and use_op:
+    layouts (`selective_scan_fn` below, SS2D's unfused core): returns (y, last_state). `impl`: "op", "torch" or
+    "triton" (see _IMPLEMENTATIONS). float64 always runs the PyTorch implementation (the kernels compute in fp32)."""
+    if u.dtype not in _KERNEL_DTYPES:
+        impl = "torch"
+    if torch.jit.is_tracing() and impl == "op":
         # jit.trace (fvcore's FLOP count) records an autograd.Function as one opaque node: trace the op itself
         y, last_state, _ = torch.ops.selective_scan.fwd(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float)
         return y, last_state
-    return _SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, use_op)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, delta_bias, delta_softplus, out_float, impl)
 
 
 # ------------------------------------------------------------------------------------- user-facing entry
@@ -228,14 +280,17 @@ def _check_tensor(name: str, t, ndim: int, device: torch.device):
         raise TypeError(f"selective_scan: `{name}` has unsupported dtype {t.dtype}")
 
 
-def _resolve_backend(backend: Optional[str], u: Tensor) -> bool:
-    """Returns use_op for the requested backend."""
+def _resolve_backend(backend: Optional[str], u: Tensor, n_state: int) -> str:
+    """The implementation `scan` runs for the requested backend (the op wherever it runs what was asked for)."""
     if backend is None:
-        return True
+        return "op"
     if backend == "torch":
-        return not kernel_runs_on(u.device)
+        return "torch" if kernel_runs_on(u.device) else "op"
+    if backend == "triton":
+        triton_scan.check_supported(u, n_state, "selective_scan: backend='triton'")
+        return "op" if u.is_cuda and _triton_is_cuda_kernel else "triton"
     if backend not in ("cuda", "cpu"):
-        raise ValueError(f"selective_scan: `backend` must be None, 'cuda', 'cpu' or 'torch', got {backend!r}")
+        raise ValueError(f"selective_scan: `backend` must be None, 'cuda', 'cpu', 'triton' or 'torch', got {backend!r}")
     if not (cuda_available() if backend == "cuda" else cpu_kernels_built()):
         no_gpu = backend == "cuda" and not torch.cuda.is_available()
         raise RuntimeError(f"selective_scan: backend={backend!r} requested but it is unavailable ({build_info()}"
@@ -245,11 +300,11 @@ def _resolve_backend(backend: Optional[str], u: Tensor) -> bool:
     if u.dtype not in _KERNEL_DTYPES:
         raise TypeError(f"selective_scan: the {backend.upper()} kernel takes float32/float16/bfloat16 `u`, not "
                         f"{u.dtype} (use backend='torch')")
-    return True
+    return "op"
 
 
-def _validate(u, delta, A, B, C, D, delta_bias, backend) -> bool:
-    """Raises a clear error naming the bad argument; returns use_op."""
+def _validate(u, delta, A, B, C, D, delta_bias, backend) -> str:
+    """Raises a clear error naming the bad argument; returns the implementation `scan` runs."""
     _check_tensor("u", u, 3, u.device if isinstance(u, Tensor) else None)
     device = u.device
     batch, channels, length = u.shape
@@ -283,12 +338,13 @@ def _validate(u, delta, A, B, C, D, delta_bias, backend) -> bool:
         if delta_bias.shape[0] not in (channels, rows):
             raise ValueError(f"selective_scan: `delta_bias` must have {channels} (or {rows}) entries, "
                              f"got {tuple(delta_bias.shape)}")
-    use_op = _resolve_backend(backend, u)
-    if use_op and u.dtype in _KERNEL_DTYPES and device.type == "cuda" and kernel_runs_on(device) \
+    impl = _resolve_backend(backend, u, n_state)
+    if impl == "op" and u.dtype in _KERNEL_DTYPES and device.type == "cuda" and kernel_runs_on(device) \
             and n_state > CUDA_MAX_D_STATE:
-        raise ValueError(f"selective_scan: `A` has N = {n_state} states; the CUDA kernel supports at most "
+        kernel = "Triton" if _triton_is_cuda_kernel else "CUDA"
+        raise ValueError(f"selective_scan: `A` has N = {n_state} states; the {kernel} kernel supports at most "
                          f"{CUDA_MAX_D_STATE} (use backend='torch')")
-    return use_op
+    return impl
 
 
 def selective_scan_fn(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus=False, out_float=True,
@@ -301,19 +357,20 @@ def selective_scan_fn(u, delta, A, B, C, D=None, delta_bias=None, delta_softplus
     Returns y (batch, K*D, L), float32 if out_float else u's dtype, or (y, last_state (batch, K*D, N)).
     backend: None (the compiled kernel for u's device where the extension has one: the CPU kernel whenever it is
     built, the CUDA kernel when built with CUDA; the PyTorch implementation otherwise and for float64), "cuda" or
-    "cpu" (that kernel, or an error), "torch" (the PyTorch implementation).
+    "cpu" (that kernel, or an error), "triton" (the Triton kernels: CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1; N up to 16), "torch" (the PyTorch implementation).
     """
     if torch.jit.is_tracing():
         # Under torch.jit.trace (fvcore's FLOP count) shapes are traced values: checking them would only
         # emit TracerWarnings, and the same call has been validated when run for real.
-        use_op = True
+        impl = "op"
     else:
-        use_op = _validate(u, delta, A, B, C, D, delta_bias, backend)
+        impl = _validate(u, delta, A, B, C, D, delta_bias, backend)
     param_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
     y, last_state = scan(
         u.contiguous(), delta.to(u.dtype).contiguous(), A.to(param_dtype).contiguous(),
         B.to(u.dtype).contiguous(), C.to(u.dtype).contiguous(),
         None if D is None else D.to(param_dtype).contiguous(),
         None if delta_bias is None else delta_bias.to(param_dtype).contiguous(),
-        bool(delta_softplus), bool(out_float), use_op)
+        bool(delta_softplus), bool(out_float), impl)
     return (y, last_state) if return_last_state else y
