@@ -1,4 +1,5 @@
-"""Selective-scan timings at the four VMamba-T stage shapes.
+"""Selective-scan timings at the four VMamba-T stage shapes, one row per backend: the CUDA extension, the Triton
+kernels (selective_scan/triton_scan.py) and the PyTorch path.
 
 GPU (default when a GPU is visible): B 128, K*D 384/768/1536/3072, L 3136/784/196/49, N 1, B/C groups 4,
 fp16/bf16 in, fp32 out, D + delta_bias + softplus (what SS2D calls). Reports forward, backward and
@@ -16,9 +17,11 @@ per forward and 0.3 ms per forward+backward on an H100 machine's host, varying b
 times K calls issued back to back and reports their mean, which hides that time behind the GPU work as a
 training step does.
 
-CPU (--device cpu): the torch path at the same shapes with batch 1, fp32, forward and forward+backward.
+GPU rows: every backend available (cuda where the extension is built with CUDA, triton where triton is installed,
+torch), or those --backend names. CPU (--device cpu): the torch path at the same shapes with batch 1, fp32, forward
+and forward+backward.
 
-    python benchmarks/bench_scan.py [--device cpu|cuda] [--backend cuda|torch] [--json out.json]
+    python benchmarks/bench_scan.py [--device cpu|cuda] [--backend cuda triton torch] [--json out.json]
     python benchmarks/bench_scan.py --calls 10  # back-to-back calls
     python benchmarks/bench_scan.py --profile 0 # one fp16 forward and backward at stage 0, untimed (for ncu)
 """
@@ -31,13 +34,14 @@ import time
 import torch
 
 import selective_scan
-from selective_scan import selective_scan_fn, torch_scan
+from selective_scan import selective_scan_fn, torch_scan, triton_scan
 
 STAGES = [(384, 3136), (768, 784), (1536, 196), (3072, 49)]  # (K*D, L) of VMamba-T at 224 px
 GROUPS = 4
 FWD_BYTES_PER_ELEMENT = 8
 BWD_BYTES_PER_ELEMENT = 12
 FWD_BWD_BYTES_PER_ELEMENT = 20
+BACKENDS = ("cuda", "triton", "torch")
 
 
 def make_inputs(batch, channels, length, dtype, device, requires_grad):
@@ -92,10 +96,14 @@ def copy_bandwidth_tb_s():
 
 def backward_op(plain, dy, backend):
     """The backward alone, given the forward's saved state: the op `selective_scan::bwd` as the autograd rule calls
-    it (backend "cuda"), or the PyTorch implementation's backward (backend "torch")."""
+    it (backend "cuda"), the Triton backward (backend "triton") or the PyTorch implementation's backward (backend
+    "torch")."""
     args = (plain["u"], plain["delta"], plain["A"], plain["B"], plain["C"], plain["D"], plain["delta_bias"])
     if backend == "torch":
         return lambda: torch_scan.scan_backward(dy, *args, True)
+    if backend == "triton":
+        _, _, checkpoints = triton_scan.forward(*args, True, True)
+        return lambda: triton_scan.backward(dy, None, *args, checkpoints, True)
     ops = torch.ops.selective_scan
     _, _, checkpoints = ops.fwd(*args, True, True)
     return lambda: ops.bwd(dy, None, *args, checkpoints, True)
@@ -111,29 +119,38 @@ def profile_once(stage):
     torch.cuda.synchronize()
 
 
-def bench(device, backend, batch, dtypes, calls=1):
+def available_backends(device):
+    """The backends a GPU run times by default (the CPU one times the torch path)."""
+    if device != "cuda":
+        return ["torch"]
+    return [b for b in BACKENDS if (b != "cuda" or selective_scan.cuda_available())
+            and (b != "triton" or triton_scan.available())]
+
+
+def bench(device, backends, batch, dtypes, calls=1):
     timer = (lambda fn: time_gpu(fn, calls=calls)) if device == "cuda" else time_cpu
     rows = []
     for dtype in dtypes:
         for channels, length in STAGES:
             inputs = make_inputs(batch, channels, length, dtype, device, requires_grad=True)
             plain = {k: v.detach() for k, v in inputs.items()}
-            call = dict(delta_softplus=True, out_float=True, backend=backend)
-            with torch.no_grad():
-                fwd_ms = timer(lambda: selective_scan_fn(**plain, **call))
             dy = torch.randn(batch, channels, length, device=device)
-            bwd_ms = timer(backward_op(plain, dy, backend))
+            for backend in backends:
+                call = dict(delta_softplus=True, out_float=True, backend=backend)
+                with torch.no_grad():
+                    fwd_ms = timer(lambda: selective_scan_fn(**plain, **call))
+                bwd_ms = timer(backward_op(plain, dy, backend))
 
-            def fwd_bwd():
-                selective_scan_fn(**inputs, **call).backward(dy)
+                def fwd_bwd():
+                    selective_scan_fn(**inputs, **call).backward(dy)
 
-            fwd_bwd_ms = timer(fwd_bwd)
-            elements = batch * channels * length
-            rows.append(dict(dtype=str(dtype).replace("torch.", ""), batch=batch, channels=channels, length=length,
-                             fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=fwd_bwd_ms,
-                             fwd_tb_s=elements * FWD_BYTES_PER_ELEMENT / (fwd_ms * 1e-3) / 1e12,
-                             bwd_tb_s=elements * BWD_BYTES_PER_ELEMENT / (bwd_ms * 1e-3) / 1e12,
-                             fwd_bwd_tb_s=elements * FWD_BWD_BYTES_PER_ELEMENT / (fwd_bwd_ms * 1e-3) / 1e12))
+                fwd_bwd_ms = timer(fwd_bwd)
+                elements = batch * channels * length
+                rows.append(dict(backend=backend, dtype=str(dtype).replace("torch.", ""), batch=batch,
+                                 channels=channels, length=length, fwd_ms=fwd_ms, bwd_ms=bwd_ms, fwd_bwd_ms=fwd_bwd_ms,
+                                 fwd_tb_s=elements * FWD_BYTES_PER_ELEMENT / (fwd_ms * 1e-3) / 1e12,
+                                 bwd_tb_s=elements * BWD_BYTES_PER_ELEMENT / (bwd_ms * 1e-3) / 1e12,
+                                 fwd_bwd_tb_s=elements * FWD_BWD_BYTES_PER_ELEMENT / (fwd_bwd_ms * 1e-3) / 1e12))
             del inputs, plain, dy
     return rows
 
@@ -141,7 +158,8 @@ def bench(device, backend, batch, dtypes, calls=1):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", choices=["cuda", "torch"], default=None)
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=None,
+                        help="GPU: the backends to time (default: every one available); CPU: torch only")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--calls", type=int, default=1, help="GPU: time this many calls issued back to back")
     parser.add_argument("--profile", type=int, metavar="STAGE",
@@ -150,31 +168,33 @@ def main():
     if args.profile is not None:
         profile_once(args.profile)
         return
-    backend = args.backend or ("cuda" if args.device == "cuda" else "torch")
-    result = dict(build_info=selective_scan.build_info(), device=args.device, backend=backend,
+    backends = args.backend or available_backends(args.device)
+    if args.device == "cpu" and backends != ["torch"]:
+        parser.error("--device cpu times the torch path only")
+    result = dict(build_info=selective_scan.build_info(), device=args.device, backends=backends,
                   torch=torch.__version__, calls=args.calls)
     if args.device == "cuda":
         result["gpu"] = torch.cuda.get_device_name()
         result["copy_tb_s"] = copy_bandwidth_tb_s()
-        rows = bench("cuda", backend, 128, [torch.float16, torch.bfloat16], args.calls)
+        rows = bench("cuda", backends, 128, [torch.float16, torch.bfloat16], args.calls)
     else:
         result["threads"] = torch.get_num_threads()
-        rows = bench("cpu", backend, 1, [torch.float32])
+        rows = bench("cpu", backends, 1, [torch.float32])
     result["rows"] = rows
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
     print(f"# {result['build_info']}; {result.get('gpu', 'CPU, %d threads' % result.get('threads', 0))}; "
-          f"torch {result['torch']}; backend {backend}"
+          f"torch {result['torch']}"
           + (f"; {args.calls} calls back to back" if args.device == "cuda" and args.calls > 1 else ""))
     if "copy_tb_s" in result:
         print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write)")
-    print(f"{'dtype':>8} {'batch':>5} {'K*D':>5} {'L':>5} {'fwd ms':>9} {'fwd TB/s':>9} {'bwd ms':>9} {'bwd TB/s':>9} "
-          f"{'f+b ms':>9} {'f+b TB/s':>9}")
+    print(f"{'backend':>8} {'dtype':>8} {'batch':>5} {'K*D':>5} {'L':>5} {'fwd ms':>9} {'fwd TB/s':>9} "
+          f"{'bwd ms':>9} {'bwd TB/s':>9} {'f+b ms':>9} {'f+b TB/s':>9}")
     for r in rows:
-        print(f"{r['dtype']:>8} {r['batch']:>5} {r['channels']:>5} {r['length']:>5} {r['fwd_ms']:>9.3f} "
-              f"{r['fwd_tb_s']:>9.2f} {r['bwd_ms']:>9.3f} {r['bwd_tb_s']:>9.2f} {r['fwd_bwd_ms']:>9.3f} "
-              f"{r['fwd_bwd_tb_s']:>9.2f}")
+        print(f"{r['backend']:>8} {r['dtype']:>8} {r['batch']:>5} {r['channels']:>5} {r['length']:>5} "
+              f"{r['fwd_ms']:>9.3f} {r['fwd_tb_s']:>9.2f} {r['bwd_ms']:>9.3f} {r['bwd_tb_s']:>9.2f} "
+              f"{r['fwd_bwd_ms']:>9.3f} {r['fwd_bwd_tb_s']:>9.2f}")
 
 
 if __name__ == "__main__":

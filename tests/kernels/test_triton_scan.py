@@ -176,43 +176,51 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         selective_scan_fn(**inputs, backend="triton")
 
 
-REGISTRATION = textwrap.dedent("""
+def test_registration_refused_where_the_extension_has_cuda_kernels():
+    if not ops.extension_built():
+        pytest.skip(f"the extension has no CUDA kernels ({selective_scan.build_info()})")
+    with pytest.raises(RuntimeError, match="does not replace"):
+        ops.register_triton_cuda_kernels()
+    assert not ops.triton_is_cuda_kernel()
+
+
+WITHOUT_EXTENSION = textwrap.dedent("""
+    import sys
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class NoExtension:  # the package as installed where its extension could not be built
+        def find_spec(self, name, path=None, target=None):
+            if name == "selective_scan._C":
+                raise ImportError("not built")
+
+    sys.meta_path.insert(0, NoExtension())
     from selective_scan import ops, triton_scan
 
     def has_cuda_kernel(op):
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"selective_scan::{op}", "CUDA")
 
-    # the automatic choice follows the switch
-    assert ops.triton_is_cuda_kernel() == (ops.TRITON_AS_MISSING_CUDA_KERNEL and not ops.extension_built())
-    if ops.extension_built():
-        try:
-            ops.register_triton_cuda_kernels()
-        except RuntimeError as error:
-            assert "does not replace" in str(error)
-            print("refused")
-    else:
-        assert has_cuda_kernel("fwd") == has_cuda_kernel("bwd") == ops.triton_is_cuda_kernel()
-        ops.register_triton_cuda_kernels()
-        cuda = torch.device("cuda")
-        assert has_cuda_kernel("fwd") and has_cuda_kernel("bwd") and ops.kernel_runs_on(cuda)
-        assert ops.checkpoint_steps(cuda) == triton_scan.CHUNK
-        with FakeTensorMode():  # what torch.compile sees: the Triton forward's checkpoint layout
-            u = torch.empty(2, 4, 150, device="cuda", dtype=torch.float16)
-            B = torch.empty(2, 2, 3, 150, device="cuda", dtype=torch.float16)
-            _, last, checkpoints = torch.ops.selective_scan.fwd(u, u, torch.empty(4, 3, device="cuda"), B, B,
-                                                                None, None, True, True)
-        assert tuple(checkpoints.shape) == (2, 4, 3, 3) and tuple(last.shape) == (2, 4, 3)
-        print("registered")
+    cuda = torch.device("cuda")
+    assert not ops.extension_built() and ops.triton_is_cuda_kernel() == ops.TRITON_AS_MISSING_CUDA_KERNEL
+    assert has_cuda_kernel("fwd") == has_cuda_kernel("bwd") == ops.kernel_runs_on(cuda) == ops.triton_is_cuda_kernel()
+    ops.register_triton_cuda_kernels()
+    assert has_cuda_kernel("fwd") and has_cuda_kernel("bwd") and ops.kernel_runs_on(cuda)
+    assert ops.checkpoint_steps(cuda) == triton_scan.CHUNK
+    with FakeTensorMode():  # what torch.compile sees: the Triton forward's outputs
+        u = torch.empty(2, 4, 150, device="cuda", dtype=torch.float16)
+        B = torch.empty(2, 2, 3, 150, device="cuda", dtype=torch.float16)
+        y, last, checkpoints = torch.ops.selective_scan.fwd(u, u, torch.empty(4, 3, device="cuda"), B, B, None, None,
+                                                            True, False)
+    assert y.dtype == torch.float16 and tuple(last.shape) == (2, 4, 3)
+    assert tuple(checkpoints.shape) == (2, 4, 3, 3) and checkpoints.dtype == torch.float32
+    print("registered")
 """)
 
 
 def test_registration_as_the_missing_cuda_kernel(triton_interpreted):
-    """Registering the Triton scan as the ops' CUDA kernel: done where the extension has none (the fake kernel then
-    gives the Triton checkpoints), refused where it has its own."""
-    expected = "refused" if ops.extension_built() else "registered"
-    assert triton_interpreted(REGISTRATION).split() == [expected]
+    """Without the extension (as installed where it cannot be built) the Triton scan registers as the ops' CUDA
+    kernel, and the fake kernel then gives its checkpoint layout."""
+    assert triton_interpreted(WITHOUT_EXTENSION).split() == ["registered"]
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU

@@ -287,7 +287,7 @@ def _resolve_backend(backend: Optional[str], u: Tensor, n_state: int) -> str:
     if backend == "torch":
         return "torch" if kernel_runs_on(u.device) else "op"
     if backend == "triton":
-        triton_scan.check_supported(u, n_state, "selective_scan: backend='triton'")
+        triton_scan.check_supported(u, n_state, "selective_scan: `backend`='triton'")
         return "op" if u.is_cuda and _triton_is_cuda_kernel else "triton"
     if backend not in ("cuda", "cpu"):
         raise ValueError(f"selective_scan: `backend` must be None, 'cuda', 'cpu', 'triton' or 'torch', got {backend!r}")
