@@ -17,9 +17,9 @@ from test_selective_scan_cuda import TOLERANCES, WEIGHT_TOLERANCE, check
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Small cases that together take every option of the op: N from 1 to 16 (3: padded states), B/C groups split over
-# channel blocks (N 16) or padded (3 channels a group), delta groups with a per-row or per-channel dt bias, sequences
-# of one chunk, of chunks with a partial last one and of exact chunks, fp32 / fp16 / bf16 in, fp32 or input-dtype out,
-# with and without D, softplus and a last-state gradient. "extreme" draws the dt pre-activation from [-30, 30]
+# channel blocks (N 16), padded (3 channels a group) or of one channel, delta groups (one spanning two programs) with
+# a per-row or per-channel dt bias, sequences of one chunk, of chunks with a partial last one and of exact chunks,
+# fp32 / fp16 / bf16 in, fp32 or input-dtype out, with and without D, softplus and a last-state gradient. "extreme" draws the dt pre-activation from [-30, 30]
 # (softplus of tiny values and past its threshold) with A down to -16 (decays that underflow to 0).
 CASES = {
     "fp32-N1-chunks": dict(batch=2, channels=4, length=150, d_state=1, groups=2, rows=None, bias="channel",
@@ -28,7 +28,7 @@ CASES = {
                                  with_D=True, softplus=True, dtype=F16, out_float=False, last_state=True),
     "bf16-N16-split-group": dict(batch=1, channels=4, length=5, d_state=16, groups=1, rows=None, bias=None,
                                  with_D=False, softplus=False, dtype=BF16, out_float=True, last_state=False),
-    "fp32-N2-exact-chunks": dict(batch=1, channels=2, length=2 * triton_scan.CHUNK, d_state=2, groups=1, rows=1,
+    "fp32-N2-exact-chunks": dict(batch=1, channels=2, length=2 * triton_scan.CHUNK, d_state=2, groups=2, rows=1,
                                  bias="channel", with_D=False, softplus=True, dtype=F32, out_float=True,
                                  last_state=True),
     "bf16-N1-bf16-out": dict(batch=2, channels=8, length=20, d_state=1, groups=4, rows=None, bias="channel",

@@ -30,6 +30,8 @@ imported): that is how the tests check them on machines without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 try:
@@ -289,6 +291,15 @@ if triton is not None:
             tl.store(dbias_ptr + rows, dbias, mask=channel_mask)
 
 
+def _launch_context(u: torch.Tensor):
+    """Triton launches on the current CUDA device: make it u's."""
+    return torch.cuda.device(u.device) if u.is_cuda else contextlib.nullcontext()
+
+
+def _contiguous(*tensors):
+    return tuple(None if t is None else t.contiguous() for t in tensors)
+
+
 def _layout(u, delta, A, B):
     """Sizes the kernels take: (batch, channels, length, n_state, groups, rows, block, n_pad, blocks_per_group)."""
     batch, channels, length = u.shape
@@ -300,8 +311,9 @@ def _layout(u, delta, A, B):
 def forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_float: bool):
     """(y, last_state, checkpoints) as the op `selective_scan::fwd` returns them: y (batch, channels, L) in fp32 or
     u's dtype, last_state (batch, channels, N) fp32, checkpoints (batch, channels, ceil(L / CHUNK), N) fp32.
-    delta, B, C in u's dtype; A, D, delta_bias fp32; all contiguous (the op's contract)."""
+    delta, B, C in u's dtype; A, D, delta_bias fp32 (the op's contract)."""
     check_supported(u, A.shape[1])
+    u, delta, A, B, C, D, delta_bias = _contiguous(u, delta, A, B, C, D, delta_bias)
     batch, channels, length, n_state, groups, rows, block, n_pad, blocks_per_group = _layout(u, delta, A, B)
     y = u.new_empty((batch, channels, length), dtype=torch.float32 if out_float else u.dtype)
     last_state = u.new_zeros((batch, channels, n_state), dtype=torch.float32)
@@ -310,11 +322,12 @@ def forward(u, delta, A, B, C, D, delta_bias, delta_softplus: bool, out_float: b
     if y.numel() == 0:
         return y, last_state, checkpoints
     bias_per_row = delta_bias is not None and delta_bias.shape[0] != channels
-    _scan_fwd_kernel[(batch, groups * blocks_per_group)](
-        u, delta, A, B, C, D, delta_bias, y, last_state, checkpoints,
-        channels, length, n_state, channels // groups, channels // rows, blocks_per_group, num_chunks,
-        HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BIAS_PER_ROW=bias_per_row,
-        SOFTPLUS=bool(delta_softplus), BLOCK_D=block, N_PAD=n_pad, CHUNK_STEPS=CHUNK, num_warps=FORWARD_WARPS)
+    with _launch_context(u):
+        _scan_fwd_kernel[(batch, groups * blocks_per_group)](
+            u, delta, A, B, C, D, delta_bias, y, last_state, checkpoints,
+            channels, length, n_state, channels // groups, channels // rows, blocks_per_group, num_chunks,
+            HAS_D=D is not None, HAS_BIAS=delta_bias is not None, BIAS_PER_ROW=bias_per_row,
+            SOFTPLUS=bool(delta_softplus), BLOCK_D=block, N_PAD=n_pad, CHUNK_STEPS=CHUNK, num_warps=FORWARD_WARPS)
     return y, last_state, checkpoints
 
 
@@ -322,6 +335,8 @@ def backward(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, del
     """(du, ddelta, dA, dB, dC, dD, ddelta_bias) as the op `selective_scan::bwd` returns them (dD / ddelta_bias
     empty when D / delta_bias are None), from `forward`'s checkpoints."""
     check_supported(u, A.shape[1])
+    dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints = _contiguous(
+        dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints)
     batch, channels, length, n_state, groups, rows, block, n_pad, blocks_per_group = _layout(u, delta, A, B)
     num_chunks = triton.cdiv(length, CHUNK)
     if tuple(checkpoints.shape) != (batch, channels, num_chunks, n_state):
@@ -344,13 +359,14 @@ def backward(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, del
     dD = u.new_empty((batch, channels), dtype=torch.float32) if D is not None else None
     dbias = u.new_empty((batch, channels), dtype=torch.float32) if delta_bias is not None else None
     bias_per_row = delta_bias is not None and delta_bias.shape[0] != channels
-    _scan_bwd_kernel[(batch, groups * blocks_per_group)](
-        dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints,
-        du, ddt, dB, dC, dA, dD, dbias,
-        channels, length, n_state, channels // groups, per_row, blocks_per_group, num_chunks,
-        HAS_DLAST=dlast_state is not None, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
-        BIAS_PER_ROW=bias_per_row, SOFTPLUS=bool(delta_softplus), BLOCK_D=block, N_PAD=n_pad,
-        CHUNK_STEPS=CHUNK, num_warps=BACKWARD_WARPS)
+    with _launch_context(u):
+        _scan_bwd_kernel[(batch, groups * blocks_per_group)](
+            dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints,
+            du, ddt, dB, dC, dA, dD, dbias,
+            channels, length, n_state, channels // groups, per_row, blocks_per_group, num_chunks,
+            HAS_DLAST=dlast_state is not None, HAS_D=D is not None, HAS_BIAS=delta_bias is not None,
+            BIAS_PER_ROW=bias_per_row, SOFTPLUS=bool(delta_softplus), BLOCK_D=block, N_PAD=n_pad,
+            CHUNK_STEPS=CHUNK, num_warps=BACKWARD_WARPS)
     ddelta = ddt if per_row == 1 else ddt.view(batch, rows, per_row, length).sum(2).to(delta.dtype)
     dB, dC = (t.sum(2).to(B.dtype) if blocks_per_group > 1 else t.squeeze(2) for t in (dB, dC))
     if dbias is not None:
