@@ -19,8 +19,9 @@ F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Small cases that together take every option of the op: N from 1 to 16 (3: padded states), B/C groups split over
 # channel blocks (N 16), padded (3 channels a group) or of one channel, delta groups (one spanning two programs) with
 # a per-row or per-channel dt bias, sequences of one chunk, of chunks with a partial last one and of exact chunks,
-# fp32 / fp16 / bf16 in, fp32 or input-dtype out, with and without D, softplus and a last-state gradient. "extreme" draws the dt pre-activation from [-30, 30]
-# (softplus of tiny values and past its threshold) with A down to -16 (decays that underflow to 0).
+# fp32 / fp16 / bf16 in, fp32 or input-dtype out, with and without D, softplus and a last-state gradient. "extreme"
+# draws the dt pre-activation from [-30, 30] (softplus of tiny values and past its threshold) with A down to -16
+# (decays that underflow to 0).
 CASES = {
     "fp32-N1-chunks": dict(batch=2, channels=4, length=150, d_state=1, groups=2, rows=None, bias="channel",
                            with_D=True, softplus=True, dtype=F32, out_float=True, last_state=True),
