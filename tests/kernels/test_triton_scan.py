@@ -13,7 +13,7 @@ import torch
 
 import selective_scan
 from selective_scan import ops, selective_scan_fn, triton_scan
-from test_selective_scan_cuda import TOLERANCES, WEIGHT_TOLERANCE, check
+from test_selective_scan_cuda import TOLERANCES, WEIGHT_TOLERANCE, check, check_sum, per_channel_magnitude
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 # Small cases that together take every option of the op: N from 1 to 16 (3: padded states), B/C groups split over
@@ -82,10 +82,11 @@ def run_with_grads(inputs, case, backend, seed, weight_dtype=None):
     return y.detach(), None if last is None else last.detach(), dict(zip(names, grads))
 
 
-def check_against_float64(inputs, case, seed, backend="triton"):
-    """`backend` against the PyTorch path in float64 from the same (rounded) inputs, with test_selective_scan_cuda's
-    rules: y at the fp32 tolerance when it is fp32, du 2x, ddelta 5x / 10x, the parameter sums relative to size."""
-    y, last, grads = run_with_grads(inputs, case, backend, seed)
+def check_against_float64(inputs, case, seed, magnitudes=None):
+    """The Triton kernels against the PyTorch path in float64 from the same (rounded) inputs, with
+    test_selective_scan_cuda's rules: y at the fp32 tolerance when it is fp32, du 2x, ddelta 5x / 10x, the parameter
+    sums relative to their size, dB / dC relative to `magnitudes` (per_channel_magnitude) where given."""
+    y, last, grads = run_with_grads(inputs, case, "triton", seed)
     upcast = {k: None if v is None else v.double() for k, v in inputs.items()}
     weight_dtype = F32 if case["out_float"] else case["dtype"]
     y_ref, last_ref, grads_ref = run_with_grads(upcast, dict(case, out_float=True), "torch", seed, weight_dtype)
@@ -101,6 +102,8 @@ def check_against_float64(inputs, case, seed, backend="triton"):
             check("du", got, want, 2 * rtol, 2 * atol)
         elif name == "delta":
             check("ddelta", got, want, 5 * rtol, 10 * atol)
+        elif name in (magnitudes or {}):
+            check_sum(f"d{name}", got, want, torch.maximum(magnitudes[name], want.abs()), rtol, atol)
         elif name in ("B", "C"):
             check(f"d{name}", got, want, rtol, atol)
         else:  # sums over batch * L terms: compare relative to their size
@@ -246,12 +249,12 @@ def test_cuda_stage_shapes_match_float64_and_the_extension(dtype, stage):
     case = stage_case(stage, dtype)
     seed = seed_of(f"stage{stage}-{dtype}")
     inputs = make_inputs(case, "cuda", seed)
-    y, last, grads = check_against_float64(inputs, case, seed)
+    y, last, grads = check_against_float64(inputs, case, seed, per_channel_magnitude(inputs, case, seed))
     if not selective_scan.cuda_available():
         pytest.skip(f"the CUDA extension is not built ({selective_scan.build_info()})")
     y_cuda, last_cuda, grads_cuda = run_with_grads(inputs, case, "cuda", seed)
-    rtol, atol = TOLERANCES[F32]  # both compute in fp32: they differ by their summation orders only
-    check("y vs cuda", y, y_cuda, rtol, atol)
-    check("last_state vs cuda", last, last_cuda, rtol, atol)
-    for name in ("u", "delta"):
-        check(f"d{name} vs cuda", grads[name], grads_cuda[name], *TOLERANCES[dtype])
+    rtol, atol = TOLERANCES[dtype]
+    check("y vs cuda", y, y_cuda, *TOLERANCES[F32])  # both fp32 arithmetic and output
+    check("last_state vs cuda", last, last_cuda, *TOLERANCES[F32])
+    check("du vs cuda", grads["u"], grads_cuda["u"], 2 * rtol, 2 * atol)
+    check("ddelta vs cuda", grads["delta"], grads_cuda["delta"], 5 * rtol, 10 * atol)
