@@ -287,7 +287,7 @@ def test_validation_names_the_argument(name, value, error, match):
 def test_backend_errors():
     kwargs = _valid()
     with pytest.raises(ValueError, match="`backend`"):
-        selective_scan_fn(**kwargs, backend="triton")
+        selective_scan_fn(**kwargs, backend="bogus")
     if not selective_scan.cuda_available():
         with pytest.raises(RuntimeError, match="backend='cuda'.*unavailable"):
             selective_scan_fn(**kwargs, backend="cuda")

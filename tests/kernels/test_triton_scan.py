@@ -205,8 +205,8 @@ WITHOUT_EXTENSION = textwrap.dedent("""
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"selective_scan::{op}", "CUDA")
 
     cuda = torch.device("cuda")
-    assert not ops.extension_built() and ops.triton_is_cuda_kernel() == ops.TRITON_AS_MISSING_CUDA_KERNEL
-    assert has_cuda_kernel("fwd") == has_cuda_kernel("bwd") == ops.kernel_runs_on(cuda) == ops.triton_is_cuda_kernel()
+    assert not ops.extension_built() and not ops.triton_is_cuda_kernel()  # a call makes it the kernel, not the import
+    assert not (has_cuda_kernel("fwd") or has_cuda_kernel("bwd") or ops.kernel_runs_on(cuda))
     ops.register_triton_cuda_kernels()
     assert has_cuda_kernel("fwd") and has_cuda_kernel("bwd") and ops.kernel_runs_on(cuda)
     assert ops.checkpoint_steps(cuda) == triton_scan.CHUNK

@@ -15,8 +15,9 @@ layer_norm.py), one way for all of them:
 * a `torch.autograd.Function` calls the fwd op and, in its backward, the bwd op.
 
 The scan has a third implementation, Triton kernels (triton_scan.py): `backend="triton"` runs them, and
-`register_triton_cuda_kernels` makes them the ops' CUDA kernel where the extension has none
-(TRITON_AS_MISSING_CUDA_KERNEL below does so at import).
+`register_triton_cuda_kernels()` makes them the ops' CUDA kernel where the extension has none (then CUDA tensors
+take them by default and torch.compile sees the one op). That is a call, not the import-time default, until the
+Triton scan is measured against the CUDA extension on a GPU.
 
 Why not `torch.library.custom_op`: it gives the same compiled graphs, but its Python wrappers (argument
 normalisation, autograd and autocast layers written in Python) cost the host about twice as much per call:
@@ -42,11 +43,6 @@ except ImportError as error:  # not built (no C++ compiler at install time)
     _C = None
     _EXTENSION_ERROR = str(error)
 _HAS_CUDA = _C is not None and _C.has_cuda()
-
-# Whether the Triton scan (triton_scan.py) becomes the ops' CUDA kernel where the extension has none (then CUDA
-# tensors take it by default and torch.compile sees the one op). Off until it is measured against the CUDA extension
-# on a GPU: until then CUDA tensors take the PyTorch path there, and backend="triton" runs it on request.
-TRITON_AS_MISSING_CUDA_KERNEL = False
 
 # The CUDA kernel processes L in tiles of this many steps and saves the state at the start of each tile
 # for its backward pass; it must match SCAN_TILE in csrc/scan_common.cuh.
@@ -188,10 +184,6 @@ def _bwd_torch(dy, dlast_state, u, delta, A, B, C, D, delta_bias, checkpoints, d
 # registered by call: the decorator form returns None, and _SelectiveScan calls these functions directly too
 torch.library.impl("selective_scan::fwd", "CompositeExplicitAutograd", _fwd_torch)
 torch.library.impl("selective_scan::bwd", "CompositeExplicitAutograd", _bwd_torch)
-
-
-if TRITON_AS_MISSING_CUDA_KERNEL and not _HAS_CUDA and triton_scan.available():
-    register_triton_cuda_kernels()
 
 
 @torch.library.register_fake("selective_scan::fwd")
