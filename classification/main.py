@@ -165,10 +165,10 @@ def log_model_size(model, config, device, logger):
     model.train(was_training)
 
 
-def restore_checkpoint(checkpoint, path, config, model, model_ema, optimizer, lr_scheduler, grad_update, logger):
-    """Load weights (and, when training, optimizer, scheduler, scaler, EMA, epoch, best accuracies).
-
-    Returns (max_accuracy, max_accuracy_ema).
+def restore_checkpoint(checkpoint, path, config, model, model_ema, optimizer, lr_scheduler, updates_per_epoch,
+                       grad_update, logger):
+    """Load weights (and, when training, optimizer, scaler, EMA, epoch, best accuracies; the schedule
+    continues at the next epoch). Returns (max_accuracy, max_accuracy_ema).
     """
     logger.info(f"resuming from {path}")
     # load_pretrained is strict, checks shapes key by key and maps the authors' older key names
@@ -183,14 +183,39 @@ def restore_checkpoint(checkpoint, path, config, model, model_ema, optimizer, lr
     max_accuracy_ema = checkpoint.get("max_accuracy_ema", 0.0)
     if not config.EVAL_MODE and not config.THROUGHPUT_MODE and "optimizer" in checkpoint:
         optimizer.load_state_dict(checkpoint["optimizer"])
-        lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
         grad_update.load_state_dict(checkpoint.get("scaler") or {})
         config.defrost()
         config.TRAIN.START_EPOCH = checkpoint["epoch"] + 1
         config.freeze()
         logger.info(f"resumed after epoch {checkpoint['epoch']}: max accuracy {max_accuracy:.2f}%"
                     + (f", EMA {max_accuracy_ema:.2f}%" if model_ema is not None else ""))
+        continue_schedule(checkpoint, config, optimizer, lr_scheduler, updates_per_epoch, logger)
     return max_accuracy, max_accuracy_ema
+
+
+def continue_schedule(checkpoint, config, optimizer, lr_scheduler, updates_per_epoch, logger):
+    """Set this run's learning-rate schedule to the start of epoch TRAIN.START_EPOCH.
+
+    The schedule is counted in optimizer updates, and a timm scheduler's state is only the schedule it was built
+    with (updates per epoch, scaled learning rates, length). Loading that state, as Swin's trainer does, replays
+    the old schedule at the new run's update count once the world size, batch size, accumulation or number of
+    epochs changed. So the checkpoint's scheduler state is not loaded: the schedule built from this run's config
+    is set to the epoch.
+    """
+    epoch = config.TRAIN.START_EPOCH
+    saved_updates_per_epoch = checkpoint.get("updates_per_epoch")
+    if saved_updates_per_epoch is not None and saved_updates_per_epoch != updates_per_epoch:
+        logger.info(f"the checkpoint was written at {saved_updates_per_epoch} optimizer updates per epoch, this run "
+                    f"makes {updates_per_epoch} (another world size, batch size, accumulation or data set): the "
+                    f"learning-rate schedule is this run's, continued at epoch {epoch} (not at the checkpoint's "
+                    f"update count {epoch * saved_updates_per_epoch})")
+    # the optimizer state brought the checkpoint's base learning rates; the schedule's are this run's
+    for group, base_lr in zip(optimizer.param_groups, lr_scheduler.base_values):
+        group[f"initial_{lr_scheduler.param_group_field}"] = base_lr
+    lr_scheduler.step_update(epoch * updates_per_epoch)
+    logger.info(f"learning-rate schedule continues at epoch {epoch}: update {epoch * updates_per_epoch} of "
+                f"{config.TRAIN.EPOCHS * updates_per_epoch} ({updates_per_epoch} per epoch), "
+                f"lr {optimizer.param_groups[0]['lr']:.6e}")
 
 
 def train_one_epoch(config, model, criterion, data_loader, optimizer, epoch, mixup_fn, lr_scheduler, grad_update,
@@ -322,13 +347,15 @@ def throughput(config, data_loader, model, device, logger):
 
 
 def save_checkpoint(config, epoch, model, model_ema, max_accuracy, max_accuracy_ema, optimizer, lr_scheduler,
-                    grad_update, logger):
+                    updates_per_epoch, grad_update, logger):
+    """Write ``ckpt_epoch_{epoch}.pth`` (rank 0 only, see main) atomically: a kill at any moment leaves whole files."""
     path = os.path.join(config.OUTPUT, f"ckpt_epoch_{epoch}.pth")
     state = {
         "model": model.state_dict(),
         "model_ema": model_ema.module.state_dict() if model_ema is not None else None,
         "optimizer": optimizer.state_dict(),
         "lr_scheduler": lr_scheduler.state_dict(),
+        "updates_per_epoch": updates_per_epoch,
         "scaler": grad_update.state_dict(),
         "epoch": epoch,
         "max_accuracy": max_accuracy,
@@ -354,7 +381,7 @@ def main(argv=None):
     total_batch = scale_learning_rates(config, world_size)
     config.freeze()
     logger = create_logger(config.OUTPUT, dist_rank=rank, name=config.MODEL.NAME)
-    logger.info(f"rank {rank}/{world_size}, local rank {local_rank}, device {device}, "
+    logger.info(f"rank {rank}/{world_size}, local rank {local_rank}, pid {os.getpid()}, device {device}, "
                 f"{'process group ' + dist.get_backend() if is_distributed() else 'no process group'}")
     logger.info(describe_precision(config, device))
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE != "no":
@@ -407,7 +434,8 @@ def main(argv=None):
     grad_update = GradientUpdate(use_grad_scaler=device.type == "cuda" and config.AMP_ENABLE
                                  and config.AMP_DTYPE == "fp16")
     accumulation = config.TRAIN.ACCUMULATION_STEPS
-    lr_scheduler = build_scheduler(config, optimizer, len(loader_train) // accumulation) if loader_train else None
+    updates_per_epoch = len(loader_train) // accumulation if loader_train else None
+    lr_scheduler = build_scheduler(config, optimizer, updates_per_epoch) if loader_train else None
     if mixup_fn is not None:
         criterion = SoftTargetCrossEntropy()
     elif config.MODEL.LABEL_SMOOTHING > 0:
@@ -418,7 +446,8 @@ def main(argv=None):
     max_accuracy, max_accuracy_ema = 0.0, 0.0
     if resume_checkpoint is not None:
         max_accuracy, max_accuracy_ema = restore_checkpoint(resume_checkpoint, resume_path, config, model_without_ddp,
-                                                            model_ema, optimizer, lr_scheduler, grad_update, logger)
+                                                            model_ema, optimizer, lr_scheduler, updates_per_epoch,
+                                                            grad_update, logger)
         del resume_checkpoint
 
     if config.THROUGHPUT_MODE:
@@ -463,7 +492,7 @@ def main(argv=None):
             writer.flush()
         if rank == 0 and (epoch % config.SAVE_FREQ == 0 or epoch == config.TRAIN.EPOCHS - 1):
             save_checkpoint(config, epoch, model_without_ddp, model_ema, max_accuracy, max_accuracy_ema, optimizer,
-                            lr_scheduler, grad_update, logger)
+                            lr_scheduler, updates_per_epoch, grad_update, logger)
 
     logger.info(f"Training time {datetime.timedelta(seconds=int(time.time() - start_time))}")
     if acc1 is None:  # the resumed checkpoint had already finished the schedule

@@ -91,12 +91,24 @@ def tiny_data(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("tiny"))
 
 
+EMA = ["--model_ema", "--model_ema_decay", "0.5"]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN]
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_data, tmp_path_factory):
     """A plain single-process run of 2 epochs with EMA: the reference for resume and --eval."""
     output = tmp_path_factory.mktemp("uninterrupted")
-    run([sys.executable, MAIN, *train_args(tiny_data, output, 2, 2, flags=["--model_ema", "--model_ema_decay", "0.5"])])
+    run([sys.executable, MAIN, *train_args(tiny_data, output, 2, 2, flags=EMA)])
     return output / "vmamba_digits" / "default"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_ddp(tiny_data, tmp_path_factory):
+    """The same run on 2 processes (torchrun, gloo), 2 images per process: the reference for DDP resume."""
+    output = tmp_path_factory.mktemp("uninterrupted_ddp")
+    run([*TORCHRUN_2, *train_args(tiny_data, output, 2, 2, flags=EMA)])
+    return output
 
 
 # ----------------------------------------------------------------------------- plain run
@@ -136,7 +148,7 @@ def assert_same_state(expected, actual):
 
 @pytest.mark.slow
 def test_kill_during_epoch_then_resume_matches_uninterrupted_run(tiny_data, uninterrupted, tmp_path):
-    args = train_args(tiny_data, tmp_path, 2, 2, flags=["--model_ema", "--model_ema_decay", "0.5"])
+    args = train_args(tiny_data, tmp_path, 2, 2, flags=EMA)
     log_file = tmp_path / "vmamba_digits" / "default" / "log_rank0.txt"
     process = subprocess.Popen([sys.executable, MAIN, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + SUBPROCESS_TIMEOUT
@@ -172,7 +184,7 @@ def test_eval_of_a_checkpoint_reproduces_the_logged_accuracy(tiny_data, uninterr
 @pytest.mark.slow
 def test_rerunning_a_finished_run_only_reports_its_accuracy(tiny_data, uninterrupted, tmp_path, capsys):
     shutil.copytree(uninterrupted, tmp_path / "vmamba_digits" / "default")
-    trainer.main(train_args(tiny_data, tmp_path, 2, 2, flags=["--model_ema", "--model_ema_decay", "0.5"]))
+    trainer.main(train_args(tiny_data, tmp_path, 2, 2, flags=EMA))
     printed = capsys.readouterr().out
     assert "nothing left to train" in printed and "Train:" not in printed
     final = re.findall(r"Final validation accuracy: top-1 ([\d.]+)%", printed)
@@ -328,12 +340,81 @@ def _assert_ranks_agree(output, epochs):
 
 
 @pytest.mark.slow
-def test_ddp_torchrun_two_processes(tiny_data, tmp_path):
-    run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", MAIN,
-         *train_args(tiny_data, tmp_path, 2, 4)])
-    logs = _assert_ranks_agree(tmp_path, 2)
+def test_ddp_torchrun_two_processes(uninterrupted_ddp):
+    logs = _assert_ranks_agree(uninterrupted_ddp, 2)
     assert "local rank 1" in logs[1]
-    assert "total batch 8 (per process 4 x 2 processes" in logs[0]
+    assert "total batch 4 (per process 2 x 2 processes" in logs[0]
+    # rank 0 alone writes the checkpoints, each through a temporary file renamed over the final name
+    assert "ckpt_epoch_1.pth saved" in logs[0] and " saved" not in logs[1]
+    assert not list((uninterrupted_ddp / "vmamba_digits" / "default").glob("*.tmp*"))
+
+
+def _kill_rank_1_during_epoch_1(args, output):
+    """Starts a 2-process torchrun run, kills rank 1 with SIGKILL once epoch 1 has begun, and checks that the
+    launcher ends the run (rank 0 included) and that only the whole checkpoint of epoch 0 is left."""
+    folder = output / "vmamba_digits" / "default"
+    launcher = subprocess.Popen([*TORCHRUN_2, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + SUBPROCESS_TIMEOUT
+    # rank 1 logs its first step of epoch 1 after that step's gradient all-reduce, which rank 0 joins only
+    # once ckpt_epoch_0.pth is written
+    while not ((folder / "log_rank1.txt").exists() and "Train: [1/2][0/4]" in log_text(output, 1)):
+        assert launcher.poll() is None and time.time() < deadline, "the run ended before epoch 1 started"
+        time.sleep(0.02)
+    pids = [int(re.search(rf"rank {rank}/2, local rank {rank}, pid (\d+)", log_text(output, rank)).group(1))
+            for rank in (0, 1)]
+    os.kill(pids[1], signal.SIGKILL)
+    launcher_output, _ = launcher.communicate(timeout=SUBPROCESS_TIMEOUT)
+    assert launcher.returncode != 0 and "SIGKILL" in launcher_output, launcher_output[-4000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(pids[0], 0)  # the launcher stopped the surviving rank
+    assert sorted(p.name for p in folder.glob("ckpt_epoch_*")) == ["ckpt_epoch_0.pth"], \
+        "the kill must land inside epoch 1, and leave no partial file"
+
+
+@pytest.mark.slow
+def test_ddp_kill_of_one_rank_then_resume_on_two_or_one_processes(tiny_data, uninterrupted_ddp, tmp_path):
+    """kill -9 of rank 1 in the middle of epoch 1; auto-resume from ckpt_epoch_0.pth (a) on 2 processes ends
+    bit-identical to the uninterrupted 2-process run (weights, EMA, optimizer, schedule); (b) on 1 process,
+    with twice the updates per epoch, continues this run's schedule at epoch 1."""
+    args = train_args(tiny_data, tmp_path / "two", 2, 2, flags=EMA)
+    _kill_rank_1_during_epoch_1(args, tmp_path / "two")
+    one = tmp_path / "one" / "vmamba_digits" / "default"
+    one.mkdir(parents=True)
+    shutil.copy(tmp_path / "two" / "vmamba_digits" / "default" / "ckpt_epoch_0.pth", one)
+
+    run([*TORCHRUN_2, *args])  # (a): the same command again
+    for rank in (0, 1):
+        resumed = log_text(tmp_path / "two", rank).split("resuming from")[-1]
+        assert "ckpt_epoch_0.pth" in resumed.splitlines()[0] and "Train: [0/2]" not in resumed
+        assert "learning-rate schedule continues at epoch 1: update 4 of 8 (4 per epoch)" in resumed
+    assert_same_state(read_checkpoint(str(uninterrupted_ddp / "vmamba_digits" / "default" / "ckpt_epoch_1.pth")),
+                      read_checkpoint(str(tmp_path / "two" / "vmamba_digits" / "default" / "ckpt_epoch_1.pth")))
+
+    one_args = train_args(tiny_data, tmp_path / "one", 2, 2, flags=EMA)
+    run([sys.executable, MAIN, *one_args])  # (b)
+    log = log_text(tmp_path / "one")
+    assert "written at 4 optimizer updates per epoch, this run makes 8" in log and "Train: [0/2]" not in log
+    _, config = trainer.parse_option(one_args)
+    scale_learning_rates(config, world_size=1)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=config.TRAIN.BASE_LR)
+    schedule = build_scheduler(config, optimizer, updates_per_epoch=8)
+
+    def lr_after(update):
+        schedule.step_update(update)
+        return optimizer.param_groups[0]["lr"]
+
+    assert f"continues at epoch 1: update 8 of 16 (8 per epoch), lr {lr_after(8):.6e}" in log
+    logged = re.findall(r"Train: \[1/2\]\[\d/8\].*? lr ([\d.]+)", log)
+    assert logged == [f"{lr_after(8 + step):.6f}" for step in range(1, 9)]
+    # Swin's resume (the checkpoint's scheduler state at this run's update count) is past its 2-process
+    # schedule's end: the minimum lr, not the warm learning rate this run's schedule gives at epoch 1
+    swin_schedule = build_scheduler(config, optimizer, updates_per_epoch=8)
+    swin_schedule.load_state_dict(read_checkpoint(str(one / "ckpt_epoch_0.pth"))["lr_scheduler"])
+    swin_schedule.step_update(9)
+    assert optimizer.param_groups[0]["lr"] < float(logged[0]) / 5
+    final = read_checkpoint(str(one / "ckpt_epoch_1.pth"))
+    assert final["epoch"] == 1 and final["updates_per_epoch"] == 8
+    assert {state["step"].item() for state in final["optimizer"]["state"].values()} == {4.0 + 8.0}
 
 
 @pytest.mark.slow
