@@ -9,15 +9,19 @@ Three implementations of the same function, side by side:
   computes dt = softplus(W_dt x_dbl + bias) per step and adds the four outputs into one fp32 map; its backward
   is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu (d_state 1, dt rank up to MAX_RANK: every stage of
   the published v2 models), CPU kernels in csrc/cpu/ss2d_cpu.cpp (any d_state and rank, so the v0 models too);
-  without a compiled kernel for the device the reference below is the op's kernel. Cross2d routes.
+  without a compiled kernel for the device the reference below is the op's kernel. Cross2d routes. Triton kernels
+  (triton_ss2d.py: d_state up to 16, the same dt ranks) become the ops' CUDA kernel where the extension has none
+  through `register_triton_cuda_kernels()`, a call rather than the import-time default until they are measured on a
+  GPU; `scan_routes(..., impl="triton")` runs them directly.
 * **unfused** (`backend="unfused"`): `cross_scan` to (B, 4, D, L) route copies, batched per-route projections,
   the selective scan (ops.py), `cross_merge`. Any d_state and route set; what fvcore traces for FLOP counts.
 * **reference** (`backend="reference"`): PyTorch, the routes gathered through `route_positions`, the fused ops'
   contract for any d_state. It is the fused ops' kernel where no compiled one is registered and, in float64,
   the oracle the compiled kernels are tested against.
 
-Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused ops run a compiled kernel for x's
-device (the CPU whenever the extension is built, CUDA when it is built with CUDA) and take the call
+Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused ops run a kernel for x's device
+(the CPU whenever the extension is built; CUDA when it is built with CUDA or the Triton kernels are registered) and
+take the call
 (`fused_unsupported_reason` is None); unfused otherwise, and always under jit tracing (fvcore's FLOP count keys
 on the unfused ops). Nothing falls back
 silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
@@ -31,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import ops, torch_scan
+from . import ops, torch_scan, triton_ss2d
 from .cross_scan import ROUTE_SETS, cross_merge, cross_scan, route_positions
 
 __all__ = ["ss2d_core", "select_core", "fused_unsupported_reason", "unfused_scan_inputs", "project", "scan_routes",
-           "scan_routes_reference", "BACKENDS", "MAX_RANK"]
+           "scan_routes_reference", "register_triton_cuda_kernels", "triton_is_cuda_kernel", "BACKENDS", "MAX_RANK"]
 
 K = 4
 MAX_RANK = 66  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 68 floats (kWidestRow)
@@ -53,9 +57,37 @@ ops.define_ops("selective_scan_ss2d", [
 ])
 
 
+_triton_is_cuda_kernel = False
+
+
+def register_triton_cuda_kernels() -> None:
+    """Registers the Triton kernels (triton_ss2d.py) as the CUDA kernel of `selective_scan_ss2d::fwd` / `::bwd`, where
+    the extension has no CUDA kernels (it refuses to replace them); CUDA tensors then take the fused core by default.
+    The unfused core's scan has its own call, ops.register_triton_cuda_kernels()."""
+    global _triton_is_cuda_kernel
+    if ops.extension_built():
+        raise RuntimeError("selective_scan_ss2d: the extension registers its CUDA kernels; the Triton kernels do not "
+                           "replace them (use scan_routes(..., impl='triton') to run them)")
+    if not triton_ss2d.available():
+        raise RuntimeError("selective_scan_ss2d: the Triton kernels need triton, which is not installed")
+    if _triton_is_cuda_kernel:
+        return
+    library = torch.library.Library("selective_scan_ss2d", "IMPL")
+    library.impl("fwd", triton_ss2d.forward, "CUDA")
+    library.impl("bwd", triton_ss2d.backward, "CUDA")
+    ops._PYTHON_LIBRARIES.append(library)
+    _triton_is_cuda_kernel = True
+
+
+def triton_is_cuda_kernel() -> bool:
+    """Whether the fused ops' CUDA kernel is the Triton one (register_triton_cuda_kernels)."""
+    return _triton_is_cuda_kernel
+
+
 def kernel_runs_on(device: torch.device) -> bool:
-    """Whether the fused ops run a compiled kernel (not the reference) for tensors on `device`."""
-    return ops.compiled_kernels_for(device)
+    """Whether the fused ops run a kernel (not the reference) for tensors on `device`: the extension's, or on CUDA
+    the Triton one once registered."""
+    return ops.compiled_kernels_for(device) or (device.type == "cuda" and _triton_is_cuda_kernel)
 
 
 def checkpoint_chunk(rank: int, device: torch.device) -> int:
@@ -174,6 +206,8 @@ def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     y = x.new_empty(x.shape, dtype=torch.float32)
     if not kernel_runs_on(x.device):
         return y, x.new_empty(0, dtype=torch.float32)
+    if x.device.type == "cuda" and _triton_is_cuda_kernel:
+        return y, x.new_empty(triton_ss2d.checkpoint_shape(x.shape, A_log.shape[1]), dtype=torch.float32)
     chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2], x.device))
     if x.device.type == "cpu":
         return y, x.new_empty((batch, K, chunks, A_log.shape[1], dim), dtype=torch.float32)
@@ -186,25 +220,38 @@ def _bwd_fake(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
             torch.empty_like(A_log), torch.empty_like(Ds))
 
 
+# The forward and backward `scan_routes` can run: "op" the dispatcher ops (whatever kernel they have for the device),
+# "triton" the Triton kernels called directly (where the ops' CUDA kernel is the extension's: tests, benchmarks).
+_IMPLEMENTATIONS = {
+    "op": (torch.ops.selective_scan_ss2d.fwd, torch.ops.selective_scan_ss2d.bwd),
+    "triton": (triton_ss2d.forward, triton_ss2d.backward),
+}
+
+
 class _ScanRoutes(torch.autograd.Function):
     """The fused op pair with its autograd rule (ops.py says why an autograd.Function)."""
 
     @staticmethod
-    def forward(ctx, x, x_dbl, dt_weight, dt_bias, A_log, Ds):
-        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+    def forward(ctx, x, x_dbl, dt_weight, dt_bias, A_log, Ds, impl):
+        y, ckpt = _IMPLEMENTATIONS[impl][0](x, x_dbl, dt_weight, dt_bias, A_log, Ds)
         ctx.save_for_backward(x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt)
+        ctx.impl = impl
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return tuple(torch.ops.selective_scan_ss2d.bwd(dy.float().contiguous(), *ctx.saved_tensors))
+        return tuple(_IMPLEMENTATIONS[ctx.impl][1](dy.float().contiguous(), *ctx.saved_tensors)) + (None,)
 
 
-def scan_routes(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor) -> Tensor:
+def scan_routes(x: Tensor, x_dbl: Tensor, dt_weight: Tensor, dt_bias: Tensor, A_log: Tensor, Ds: Tensor,
+                impl: str = "op") -> Tensor:
     """The fused ops, differentiable: x (B, H, W, D) contiguous, x_dbl = project(x, x_proj_weight), SS2D's
     dt_projs_weight (4, D, R), dt_projs_bias (4, D), A_logs (4D, N) and Ds (4D,) in fp32; returns the merged
-    scan output y (B, H, W, D) in fp32."""
-    return _ScanRoutes.apply(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+    scan output y (B, H, W, D) in fp32. impl: "op" (the dispatcher ops) or "triton" (the Triton kernels directly:
+    CUDA tensors, or CPU tensors under TRITON_INTERPRET=1)."""
+    if impl not in _IMPLEMENTATIONS:
+        raise ValueError(f"scan_routes: `impl` must be one of {sorted(_IMPLEMENTATIONS)}, got {impl!r}")
+    return _ScanRoutes.apply(x, x_dbl, dt_weight, dt_bias, A_log, Ds, impl)
 
 
 def _fp32(t: Tensor) -> Tensor:
@@ -295,7 +342,12 @@ def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x
     Without x the answer holds for every device (the CUDA kernels' limits); a CPU x takes any d_state and rank."""
     if routes != "cross2d":
         return f"the fused kernels walk the cross2d routes, not {routes!r}"
-    if x is None or x.is_cuda:
+    if x is not None and x.is_cuda and _triton_is_cuda_kernel:
+        if d_state > triton_ss2d.MAX_D_STATE:
+            return f"d_state is {d_state}; the fused Triton kernels support at most {triton_ss2d.MAX_D_STATE}"
+        if rank > triton_ss2d.MAX_RANK:
+            return f"dt rank {rank} is above the fused Triton kernels' {triton_ss2d.MAX_RANK}"
+    elif x is None or x.is_cuda:
         if d_state != 1:
             return f"d_state is {d_state}; the fused CUDA kernel supports d_state 1"
         if rank > MAX_RANK:
@@ -306,7 +358,8 @@ def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of {_DTYPES}"
     if x.is_cuda and not kernel_runs_on(x.device):
-        return f"the fused CUDA kernels are not built ({ops.build_info()})"
+        return (f"the fused CUDA kernels are not built ({ops.build_info()}); "
+                f"selective_scan.ss2d.register_triton_cuda_kernels() makes the Triton kernels the fused ops' kernel")
     return None
 
 

@@ -1,0 +1,363 @@
+"""The fused SS2D core in Triton: forward and backward kernels with the contract of the ops
+`selective_scan_ss2d::fwd` / `::bwd` (ss2d.py), for GPUs where the CUDA extension is not built. Triton compiles them
+when first called.
+
+Inputs as the ops take them: x (B, H, W, D) channels-last, x_dbl (B, H, W, 4, R + 2N) in x's dtype (route k's row
+[dt-rank values, B, C]), SS2D's dt_projs_weight (4, D, R), dt_projs_bias (4, D), A_logs (4D, N) and Ds (4D,) in fp32.
+
+Layout. One program owns a block of BLOCK_D channels of one sample and walks the four cross2d routes one after the
+other, each in chunks of steps, with the chunk as (channels, states, steps) tiles in registers (the pieces of
+triton_scan.py: a chunk's recurrence is one associative scan, entered with the state the previous chunk ended in).
+A step's position in its route comes from the index map (row-major, column-major and their reverses) computed from
+the step number, so x, y, dy and dx are read and written in place in the (B, H, W, D) maps, BLOCK_D contiguous
+channels per position: no (B, 4, D, L) route copies. dt = softplus(W_dt r + bias) is computed per chunk from the
+chunk's x_dbl rank rows r with a `tl.dot` in full fp32 (not TF32: dt enters exp(sum dt A) over thousands of steps).
+
+Merging the routes. The program that owns a channel block owns all four routes of it, so it is the only writer of
+those channels of y: route 0 stores y, routes 1-3 load, add and store, with a block barrier between routes. Each
+element is therefore the same fp32 sum in the same order on every run (deterministic, no atomics), and y is written
+once per route without a zero-filled buffer or per-route copies to sum afterwards.
+
+Backward. Per route, the program walks its chunks from the last, recomputes the chunk's states from the state the
+forward saved at the chunk's start (checkpoints (B, 4, chunks, N, D) fp32), and runs the adjoint recurrence as a
+second associative scan over tiles loaded in reversed step order, flipped back (`tl.associative_scan(...,
+reverse=True)` is wrong for non-commutative combines on GPUs, triton issue #4362). From the gradient of dt's
+pre-activation it forms, in-kernel, the gradient of the x_dbl rank values (W_dt^T ddt, a `tl.dot`) and of W_dt
+(ddt r^T, summed over the chunks). dx gathers its four routes like y (an fp32 sum; the last route writes x's dtype).
+Sums over channels (the x_dbl row gradients) are written per channel block, sums over positions (W_dt, dt bias,
+A_log, D) per sample; the host adds the partials, so results do not depend on scheduling.
+
+Everything accumulates in fp32 whatever the input dtype; y is fp32, gradients take their input's dtype.
+
+The kernels also run on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1 set before triton is
+imported): that is how the tests check them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import triton_scan
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only torch builds ship without triton
+    triton = None
+
+__all__ = ["BLOCK_D", "MAX_D_STATE", "MAX_RANK", "available", "check_supported", "chunk_steps", "checkpoint_shape",
+           "forward", "backward"]
+
+# Channels per program: BLOCK_D, or 16 for maps of at most 16 channels (not less: the dt `tl.dot`s contract over the
+# block's channels).
+BLOCK_D = 32
+MIN_BLOCK_D = 16
+# Elements of one (channels, states, steps) tile: sets the chunk length for a given number of states.
+TILE_ELEMENTS = 2048
+MIN_CHUNK = 8
+# The widest x_dbl row is R + 2N values; R up to the CUDA kernels' limit (ss2d.MAX_RANK), N up to the scan's.
+MAX_RANK = 66
+MAX_D_STATE = triton_scan.MAX_D_STATE
+FORWARD_WARPS = 4
+BACKWARD_WARPS = 8
+K = 4
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available() -> bool:
+    """Whether triton is importable."""
+    return triton is not None
+
+
+def chunk_steps(d_state: int) -> int:
+    """Steps per chunk: the checkpoint interval and the steps a tile holds (64 for d_state 1)."""
+    return max(MIN_CHUNK, TILE_ELEMENTS // (BLOCK_D * _next_power_of_2(d_state)))
+
+
+def checkpoint_shape(x_shape, d_state: int) -> tuple:
+    """Shape of the checkpoints the forward saves for x of shape (B, H, W, D): (B, 4, chunks, N, D)."""
+    batch, height, width, dim = x_shape
+    return batch, K, -(-height * width // chunk_steps(d_state)), d_state, dim
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+def check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds, caller: str = "selective_scan_ss2d (triton)") -> None:
+    """Raises a clear error naming the argument if the Triton kernels cannot take this call."""
+    if triton is None:
+        raise RuntimeError(f"{caller}: triton is not installed")
+    if not (x.is_cuda or (x.device.type == "cpu" and triton_scan._interpreting())):
+        raise ValueError(f"{caller}: the Triton kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
+                         f"`x` is on {x.device}")
+    if x.dim() != 4:
+        raise ValueError(f"{caller}: `x` must be (B, H, W, D), got shape {tuple(x.shape)}")
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"{caller}: the Triton kernels take float32/float16/bfloat16 `x`, not {x.dtype}")
+    batch, height, width, dim = x.shape
+    if A_log.dim() != 2 or A_log.shape[0] != K * dim:
+        raise ValueError(f"{caller}: `A_log` must be (4*D={K * dim}, N), got {tuple(A_log.shape)}")
+    d_state = A_log.shape[1]
+    if not 1 <= d_state <= MAX_D_STATE:
+        raise ValueError(f"{caller}: d_state is {d_state}; the Triton kernels support 1 to {MAX_D_STATE}")
+    if dt_weight.dim() != 3 or dt_weight.shape[:2] != (K, dim):
+        raise ValueError(f"{caller}: `dt_weight` must be (4, D={dim}, R), got {tuple(dt_weight.shape)}")
+    rank = dt_weight.shape[2]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"{caller}: dt rank is {rank}; the Triton kernels support 1 to {MAX_RANK}")
+    expected = {"x_dbl": (batch, height, width, K * (rank + 2 * d_state)), "dt_bias": (K, dim), "Ds": (K * dim,)}
+    for name, t in (("x_dbl", x_dbl), ("dt_bias", dt_bias), ("Ds", Ds)):
+        if tuple(t.shape) != expected[name]:
+            raise ValueError(f"{caller}: `{name}` must have shape {expected[name]}, got {tuple(t.shape)}")
+    if x_dbl.dtype != x.dtype:
+        raise TypeError(f"{caller}: `x_dbl` must have x's dtype {x.dtype}, got {x_dbl.dtype}")
+    for name, t in (("x_dbl", x_dbl), ("dt_weight", dt_weight), ("dt_bias", dt_bias), ("A_log", A_log), ("Ds", Ds)):
+        if t.device != x.device:
+            raise ValueError(f"{caller}: `{name}` is on {t.device} but `x` is on {x.device}")
+        if name != "x_dbl" and t.dtype != torch.float32:
+            raise TypeError(f"{caller}: `{name}` must be float32, got {t.dtype}")
+
+
+if triton is not None:
+    from .triton_scan import _chunk_states, _last_step, _softplus, _softplus_slope
+
+    @triton.jit
+    def _route_positions(route, step, height, width):
+        """Raster positions (h * W + w) cross2d route `route` visits at `step`s and which steps exist: odd routes
+        walk the map column-major, routes 2 and 3 walk their order backwards."""
+        length = height * width
+        along = tl.where(route >= 2, length - 1 - step, step)
+        position = tl.where(route % 2 == 1, (along % height) * width + along // height, along)
+        return position, (step >= 0) & (step < length)
+
+    @triton.jit
+    def _row_values(entries, first, index, index_mask, step_mask):
+        """(len(index), steps) fp32 tile: the values first + index of the steps' x_dbl rows (`entries` point at the
+        rows' starts)."""
+        return tl.load(entries[None, :] + first + index[:, None], mask=index_mask[:, None] & step_mask[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _dt(W, bias, rank_rows, mask):
+        """(dt, pre-activation) (channels, steps) from the block's W_dt rows (channels, R_PAD) and the steps' rank
+        rows (R_PAD, steps); dt is 0 where masked: there a step neither decays the state nor feeds it."""
+        pre = tl.dot(W, rank_rows, input_precision="ieee") + bias[:, None]
+        return tl.where(mask, _softplus(pre), 0.0), pre
+
+    @triton.jit
+    def _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask, rank_index, rank_mask,
+                          state, state_mask, dim, rank, n_state):
+        """W_dt (channels, R_PAD), dt bias, A = -exp(A_log) (channels, N_PAD) and D of the block's channels in route
+        `route`; padded states get A = 0 (and B = C = 0), so they stay 0 and add nothing."""
+        rows = route * dim + channel
+        W = tl.load(w_ptr + rows[:, None] * rank + rank_index[None, :], mask=channel_mask[:, None] & rank_mask[None, :],
+                    other=0.0)
+        bias = tl.load(bias_ptr + rows, mask=channel_mask, other=0.0)
+        state_masks = channel_mask[:, None] & state_mask[None, :]
+        A_log = tl.load(A_log_ptr + rows[:, None] * n_state + state[None, :], mask=state_masks, other=0.0)
+        A = tl.where(state_masks, -tl.exp(A_log), 0.0)
+        D = tl.load(Ds_ptr + rows, mask=channel_mask, other=0.0)
+        return W, bias, A, D
+
+    @triton.jit
+    def _ss2d_fwd_kernel(
+        x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, y_ptr, checkpoint_ptr,
+        height, width, dim, rank, n_state, num_chunks,
+        BLOCK: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    ):
+        sample = tl.program_id(0).to(tl.int64)
+        channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        channel_mask = channel < dim
+        state = tl.arange(0, N_PAD)
+        state_mask = state < n_state
+        channel_state_mask = channel_mask[:, None] & state_mask[None, :]
+        rank_index = tl.arange(0, R_PAD)
+        rank_mask = rank_index < rank
+        length = height * width
+        row_width = rank + 2 * n_state
+        for route in range(4):
+            W, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
+                                              rank_index, rank_mask, state, state_mask, dim, rank, n_state)
+            checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
+                               + channel[:, None])
+            h = tl.zeros((BLOCK, N_PAD), tl.float32)
+            for chunk in range(num_chunks):
+                tl.store(checkpoint_rows + chunk * n_state * dim, h, mask=channel_state_mask)
+                position, step_mask = _route_positions(route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
+                                                       height, width)
+                rows = sample * length + position
+                mask = channel_mask[:, None] & step_mask[None, :]
+                offsets = rows[None, :] * dim + channel[:, None]
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                entries = x_dbl_ptr + (rows * 4 + route) * row_width
+                dt, _ = _dt(W, bias, _row_values(entries, 0, rank_index, rank_mask, step_mask), mask)
+                B = _row_values(entries, rank, state, state_mask, step_mask)
+                C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
+                states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), (dt * x)[:, None, :] * B[None, :, :], h)
+                y = tl.sum(states * C[None, :, :], axis=1) + D[:, None] * x
+                # route 0 writes y, the later routes add to it (the module docstring says why this is safe)
+                y += tl.load(y_ptr + offsets, mask=mask & (route > 0), other=0.0)
+                tl.store(y_ptr + offsets, y, mask=mask)
+                h = _last_step(states)
+            tl.debug_barrier()  # the next route reads y where other threads of the program wrote it
+
+    @triton.jit
+    def _ss2d_bwd_kernel(
+        dy_ptr, x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr,
+        dx_sum_ptr, dx_ptr, d_rows_ptr, dw_ptr, dbias_ptr, dA_log_ptr, dDs_ptr,
+        height, width, dim, rank, n_state, num_chunks,
+        BLOCK: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+    ):
+        sample = tl.program_id(0).to(tl.int64)
+        channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        channel_mask = channel < dim
+        state = tl.arange(0, N_PAD)
+        state_mask = state < n_state
+        channel_state_mask = channel_mask[:, None] & state_mask[None, :]
+        rank_index = tl.arange(0, R_PAD)
+        rank_mask = rank_index < rank
+        length = height * width
+        row_width = rank + 2 * n_state
+        # this program's partial x_dbl row gradients: (B, channel blocks, L, 4, R + 2N)
+        partial_rows = (sample * tl.num_programs(1) + tl.program_id(1)) * length
+        for route in range(4):
+            W, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
+                                              rank_index, rank_mask, state, state_mask, dim, rank, n_state)
+            W_t = tl.trans(W)
+            checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
+                               + channel[:, None])
+            # the adjoint of the first step of the chunk to the right (zero after the route's last step)
+            adjoint_after = tl.zeros((BLOCK, N_PAD), tl.float32)
+            dA = tl.zeros((BLOCK, N_PAD), tl.float32)
+            dW = tl.zeros((BLOCK, R_PAD), tl.float32)
+            dD = tl.zeros((BLOCK,), tl.float32)
+            dbias = tl.zeros((BLOCK,), tl.float32)
+            for reversed_chunk in range(num_chunks):
+                chunk = num_chunks - 1 - reversed_chunk
+                step = chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS)
+                position, step_mask = _route_positions(route, step, height, width)
+                rows = sample * length + position
+                mask = channel_mask[:, None] & step_mask[None, :]
+                offsets = rows[None, :] * dim + channel[:, None]
+                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                entries = x_dbl_ptr + (rows * 4 + route) * row_width
+                rank_rows = _row_values(entries, 0, rank_index, rank_mask, step_mask)
+                dt, pre_activation = _dt(W, bias, rank_rows, mask)
+                B = _row_values(entries, rank, state, state_mask, step_mask)
+                inputs = (dt * x)[:, None, :] * B[None, :, :]
+                entering = tl.load(checkpoint_rows + chunk * n_state * dim, mask=channel_state_mask, other=0.0)
+                states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), inputs, entering)
+
+                # the adjoint scan in reversed step order: g_t = C_t dy_t + decay_{t+1} g_{t+1}
+                back = chunk * CHUNK_STEPS + (CHUNK_STEPS - 1) - tl.arange(0, CHUNK_STEPS)
+                back_position, back_mask = _route_positions(route, back, height, width)
+                back_rows = sample * length + back_position
+                dy_back = tl.load(dy_ptr + back_rows[None, :] * dim + channel[:, None],
+                                  mask=channel_mask[:, None] & back_mask[None, :], other=0.0).to(tl.float32)
+                C_back = _row_values(x_dbl_ptr + (back_rows * 4 + route) * row_width, rank + n_state, state, state_mask,
+                                     back_mask)
+                next_position, next_mask = _route_positions(route, back + 1, height, width)
+                next_rows = sample * length + next_position
+                dt_next, _ = _dt(W, bias, _row_values(x_dbl_ptr + (next_rows * 4 + route) * row_width, 0, rank_index,
+                                                      rank_mask, next_mask),
+                                 channel_mask[:, None] & next_mask[None, :])
+                adjoints_back = _chunk_states(tl.exp(dt_next[:, None, :] * A[:, :, None]),
+                                              dy_back[:, None, :] * C_back[None, :, :], adjoint_after)
+                adjoint_after = _last_step(adjoints_back)
+                adjoints = tl.flip(adjoints_back, 2)
+
+                # dL/d(dt_t A) = g_t decay_t h_{t-1} = g_t (h_t - input_t)
+                through_decay = adjoints * (states - inputs)
+                dA += tl.sum(through_decay * dt[:, None, :], axis=2)
+                adjoint_dtu = tl.sum(adjoints * B[None, :, :], axis=1)  # dL/d(dt x)
+                ddt = (tl.sum(through_decay * A[:, :, None], axis=1) + adjoint_dtu * x) * _softplus_slope(pre_activation)
+                ddt = tl.where(mask, ddt, 0.0)  # gradient of dt's pre-activation
+                dbias += tl.sum(ddt, axis=1)
+                dD += tl.sum(dy * x, axis=1)
+                dW += tl.dot(ddt, tl.trans(rank_rows), input_precision="ieee")
+
+                d_entries = d_rows_ptr + ((partial_rows + position) * 4 + route) * row_width
+                d_row_type = d_rows_ptr.dtype.element_ty
+                tl.store(d_entries[None, :] + rank_index[:, None],
+                         tl.dot(W_t, ddt, input_precision="ieee").to(d_row_type),
+                         mask=rank_mask[:, None] & step_mask[None, :])
+                state_step_mask = state_mask[:, None] & step_mask[None, :]
+                tl.store(d_entries[None, :] + rank + state[:, None],
+                         tl.sum(adjoints * (dt * x)[:, None, :], axis=0).to(d_row_type), mask=state_step_mask)
+                tl.store(d_entries[None, :] + rank + n_state + state[:, None],
+                         tl.sum(states * dy[:, None, :], axis=0).to(d_row_type), mask=state_step_mask)
+
+                # dx gathers the four routes like y in the forward; the last route writes x's dtype
+                dx = adjoint_dtu * dt + dy * D[:, None]
+                dx += tl.load(dx_sum_ptr + offsets, mask=mask & (route > 0), other=0.0)
+                tl.store(dx_sum_ptr + offsets, dx, mask=mask & (route < 3))
+                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask & (route == 3))
+            route_rows = sample * 4 * dim + route * dim + channel  # (sample, route, channel) of the partial sums
+            tl.store(dA_log_ptr + route_rows[:, None] * n_state + state[None, :], dA * A, mask=channel_state_mask)
+            tl.store(dw_ptr + route_rows[:, None] * rank + rank_index[None, :], dW,
+                     mask=channel_mask[:, None] & rank_mask[None, :])
+            tl.store(dbias_ptr + route_rows, dbias, mask=channel_mask)
+            tl.store(dDs_ptr + route_rows, dD, mask=channel_mask)
+            tl.debug_barrier()  # the next route reads dx where other threads of the program wrote it
+
+
+def _sizes(x, dt_weight, A_log):
+    """The grid, the kernels' size arguments and their constexpr sizes for a call."""
+    batch, height, width, dim = x.shape
+    rank, d_state = dt_weight.shape[2], A_log.shape[1]
+    num_chunks = -(-height * width // chunk_steps(d_state))
+    block = min(BLOCK_D, max(MIN_BLOCK_D, _next_power_of_2(dim)))
+    constants = dict(BLOCK=block, R_PAD=max(16, _next_power_of_2(rank)), N_PAD=_next_power_of_2(d_state),
+                     CHUNK_STEPS=chunk_steps(d_state))
+    return (batch, triton.cdiv(dim, block)), (height, width, dim, rank, d_state, num_chunks), constants
+
+
+def forward(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
+    """(y, checkpoints) as the op `selective_scan_ss2d::fwd` returns them: the merged y (B, H, W, D) fp32 and the
+    states entering each chunk of each route, (B, 4, chunks, N, D) fp32 (checkpoint_shape)."""
+    check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+    x, x_dbl, dt_weight, dt_bias, A_log, Ds = (t.contiguous() for t in (x, x_dbl, dt_weight, dt_bias, A_log, Ds))
+    y = x.new_empty(x.shape, dtype=torch.float32)
+    checkpoints = x.new_empty(checkpoint_shape(x.shape, A_log.shape[1]), dtype=torch.float32)
+    if y.numel() == 0:
+        return y, checkpoints
+    grid, sizes, constants = _sizes(x, dt_weight, A_log)
+    with triton_scan._launch_context(x):
+        _ss2d_fwd_kernel[grid](x, x_dbl, dt_weight, dt_bias, A_log, Ds, y, checkpoints, *sizes, **constants,
+                               num_warps=FORWARD_WARPS)
+    return y, checkpoints
+
+
+def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints):
+    """(dx, dx_dbl, d dt_weight, d dt_bias, dA_log, dDs) as the op `selective_scan_ss2d::bwd` returns them, from
+    `forward`'s checkpoints; dx and dx_dbl in their inputs' dtypes, the parameters' gradients fp32."""
+    check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
+    if tuple(dy.shape) != tuple(x.shape):
+        raise ValueError(f"selective_scan_ss2d (triton): `dy` must have shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+    expected = checkpoint_shape(x.shape, A_log.shape[1])
+    if tuple(checkpoints.shape) != expected:
+        raise ValueError(f"selective_scan_ss2d (triton): `ckpt` has shape {tuple(checkpoints.shape)}; the Triton "
+                         f"forward saves {expected} for these inputs")
+    dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints = (
+        t.contiguous() for t in (dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints))
+    if x.numel() == 0:
+        return tuple(torch.zeros_like(t) for t in (x, x_dbl, dt_weight, dt_bias, A_log, Ds))
+    grid, sizes, constants = _sizes(x, dt_weight, A_log)
+    batch, blocks = grid
+    dx = torch.empty_like(x)
+    dx_sum = dx if x.dtype == torch.float32 else torch.empty_like(x, dtype=torch.float32)
+    # x_dbl row gradients are sums over channels: one partial per channel block, in x_dbl's dtype when there is one
+    d_rows = x_dbl.new_empty((batch, blocks) + x_dbl.shape[1:],
+                             dtype=x_dbl.dtype if blocks == 1 else torch.float32)
+    dw = dt_weight.new_empty((batch,) + dt_weight.shape)
+    dbias = dt_bias.new_empty((batch,) + dt_bias.shape)
+    dA_log = A_log.new_empty((batch,) + A_log.shape)
+    dDs = Ds.new_empty((batch,) + Ds.shape)
+    with triton_scan._launch_context(x):
+        _ss2d_bwd_kernel[grid](dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints,
+                               dx_sum, dx, d_rows, dw, dbias, dA_log, dDs, *sizes, **constants,
+                               num_warps=BACKWARD_WARPS)
+    dx_dbl = d_rows.squeeze(1) if blocks == 1 else d_rows.sum(1).to(x_dbl.dtype)
+    return dx, dx_dbl, dw.sum(0), dbias.sum(0), dA_log.sum(0), dDs.sum(0)

@@ -1,0 +1,241 @@
+"""The fused SS2D core in Triton (selective_scan/triton_ss2d.py): the forward and every gradient of the ops'
+contract against the float64 reference (ss2d.scan_routes_reference) at the tolerances test_ss2d.py holds the fused
+CUDA kernels to. Here the Triton interpreter runs the kernels on CPU tensors (TRITON_INTERPRET=1, in a subprocess:
+the variable must be set before triton is imported); the tests marked cuda compile them for a GPU and compare them
+with the CUDA extension at VMamba-T's stage shapes and a detection-size map."""
+
+import pathlib
+import textwrap
+import zlib
+
+import pytest
+import torch
+
+import selective_scan
+from selective_scan import ss2d, triton_ss2d
+from test_ss2d import PARAM_NAMES, check_op, make_params
+
+F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
+# (batch, D, H, W, dt rank, d_state, dtype): small maps with odd sides and H != W (one of them 1), each dtype, padded
+# rank rows of every width (R 1-66: 16, 32, 64 and 128 wide), d_state 1 (the v2 models), 3 (padded states) and 16
+# (the v0 models), one channel block with masked channels or two, routes of one chunk, of two with a partial last
+# one and of exact chunks.
+CASES = {
+    "fp32-R6-two-samples": (2, 13, 5, 7, 6, 1, F32),
+    "fp16-R24-two-blocks-two-chunks": (1, 20, 9, 13, 24, 1, F16),
+    "bf16-R48-one-column": (1, 16, 11, 1, 48, 1, BF16),
+    "fp32-R66-one-row": (1, 8, 1, 9, 66, 1, F32),
+    "fp32-R12-exact-chunks": (1, 16, 8, 16, 12, 1, F32),
+    "bf16-R1-N3": (1, 12, 5, 6, 1, 3, BF16),
+    "fp16-R2-N16": (1, 8, 3, 5, 2, 16, F16),
+}
+# VMamba-T's SS2D cores at 224 px per stage: (D, H, W, dt rank), d_state 1.
+STAGES = [(96, 56, 56, 6), (192, 28, 28, 12), (384, 14, 14, 24), (768, 7, 7, 48)]
+
+
+def op_inputs(batch, dim, height, width, rank, d_state, dtype, device, seed):
+    """The fused ops' inputs: x (B, H, W, D) in `dtype`, x_dbl = project(x, W_proj) and SS2D's other parameters."""
+    params = make_params(dim, rank, d_state=d_state, seed=seed, device=device)
+    x = torch.randn(batch, height, width, dim, device=device, generator=torch.Generator(device).manual_seed(seed))
+    x = x.to(dtype)
+    return [x, ss2d.project(x, params["x_proj_weight"]).detach()] + [params[k] for k in PARAM_NAMES[1:]]
+
+
+def op_grads(inputs, impl, seed):
+    """y and the gradients of the op's six inputs for a fixed random output gradient: `impl` as scan_routes takes it
+    ("triton", "op"), or "float64" for the reference from the same (rounded) inputs."""
+    dy = torch.randn(inputs[0].shape, device=inputs[0].device, generator=torch.Generator(inputs[0].device).manual_seed(
+        seed + 1))
+    if impl == "float64":
+        leaves = [t.detach().double().requires_grad_() for t in inputs]
+        y = ss2d.scan_routes_reference(*leaves)
+    else:
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        y = ss2d.scan_routes(*leaves, impl=impl)
+    return y.detach(), list(torch.autograd.grad(y, leaves, dy.to(y.dtype)))
+
+
+def seed_of(name):
+    return zlib.crc32(name.encode()) % 10_000
+
+
+def check_case(name, device):
+    batch, dim, height, width, rank, d_state, dtype = CASES[name]
+    inputs = op_inputs(batch, dim, height, width, rank, d_state, dtype, device, seed_of(name))
+    y, ckpt = triton_ss2d.forward(*inputs)
+    assert y.dtype == F32 and tuple(ckpt.shape) == triton_ss2d.checkpoint_shape(inputs[0].shape, d_state)
+    fused = op_grads(inputs, "triton", seed_of(name))
+    torch.testing.assert_close(fused[0], y, rtol=0, atol=0)  # the autograd path runs the same forward
+    check_op(fused, op_grads(inputs, "float64", seed_of(name)), dtype)
+    assert all(g.dtype == F32 for g in fused[1][2:])
+
+
+def check_cases(device):
+    for name in CASES:
+        check_case(name, device)
+        print("checked", name)
+
+
+def check_errors_and_empty_inputs():
+    """Under the interpreter: calls the kernels cannot take raise errors naming the problem; an empty batch gives
+    empty outputs and zero gradients."""
+    inputs = op_inputs(1, 8, 3, 4, 2, 1, F32, "cpu", 0)
+
+    def rejected(error, match, args):
+        try:
+            triton_ss2d.forward(*args)
+        except error as e:
+            assert match in str(e), e
+        else:
+            raise AssertionError(f"accepted: {match}")
+
+    rejected(ValueError, "d_state is 17", op_inputs(1, 8, 3, 4, 2, 17, F32, "cpu", 0))
+    rejected(ValueError, "dt rank is 67", op_inputs(1, 8, 3, 4, 67, 1, F32, "cpu", 0))
+    rejected(TypeError, "float64", [inputs[0].double(), inputs[1].double()] + inputs[2:])
+    rejected(TypeError, "`x_dbl` must have x's dtype", [inputs[0], inputs[1].half()] + inputs[2:])
+    rejected(ValueError, "`x_dbl` must have shape (1, 3, 4, 16)", [inputs[0], inputs[1][..., :-1]] + inputs[2:])
+    rejected(ValueError, "`dt_bias` must have shape (4, 8)", inputs[:3] + [inputs[3].view(-1)] + inputs[4:])
+    _, ckpt = triton_ss2d.forward(*inputs)
+    try:
+        triton_ss2d.backward(torch.zeros(inputs[0].shape), *inputs, ckpt[:, :, :, :, :4])
+    except ValueError as e:
+        assert "`ckpt` has shape (1, 4, 1, 1, 4)" in str(e), e
+    else:
+        raise AssertionError("a checkpoint of the wrong shape was accepted")
+    empty = op_inputs(0, 8, 3, 4, 2, 1, F16, "cpu", 0)
+    y, grads = op_grads(empty, "triton", 0)
+    assert y.shape == (0, 3, 4, 8) and all(not g.any() for g in grads)
+    print("errors and empty inputs checked")
+
+
+def _calling(function):
+    """Source for the interpreted subprocess: loads this file as a module and calls `function` from it."""
+    return textwrap.dedent(f"""
+        import importlib.util, sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})  # test_ss2d
+        spec = importlib.util.spec_from_file_location("triton_ss2d_tests", {__file__!r})
+        tests = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(tests)
+        tests.{function}
+    """)
+
+
+def test_interpreted_kernels_match_float64_reference(triton_interpreted):
+    out = triton_interpreted(_calling('check_cases("cpu")'))
+    assert out.split("\n")[:-1] == [f"checked {name}" for name in CASES]
+
+
+def test_interpreted_errors_and_empty_inputs(triton_interpreted):
+    assert "errors and empty inputs checked" in triton_interpreted(_calling("check_errors_and_empty_inputs()"))
+
+
+def test_cpu_tensors_need_the_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    inputs = op_inputs(1, 8, 3, 4, 2, 1, F32, "cpu", 0)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+        triton_ss2d.forward(*inputs)
+    with pytest.raises(ValueError, match="`impl` must be one of"):
+        ss2d.scan_routes(*inputs, impl="cuda")
+
+
+def test_chunks_and_limits():
+    """The chunk is the checkpoint interval: 64 steps at d_state 1, shorter for more states (the tiles' size); the
+    rank limit is the CUDA kernels', so the same models run fused whichever kernel is registered."""
+    assert [triton_ss2d.chunk_steps(n) for n in (1, 2, 3, 4, 16)] == [64, 32, 16, 16, 8]
+    assert triton_ss2d.checkpoint_shape((2, 5, 7, 13), 1) == (2, 4, 1, 1, 13)
+    assert triton_ss2d.MAX_RANK == ss2d.MAX_RANK
+
+
+def test_registration_refused_where_the_extension_has_cuda_kernels():
+    if not selective_scan.extension_built():
+        pytest.skip(f"the extension has no CUDA kernels ({selective_scan.build_info()})")
+    with pytest.raises(RuntimeError, match="does not replace|do not replace"):
+        ss2d.register_triton_cuda_kernels()
+    assert not ss2d.triton_is_cuda_kernel()
+
+
+WITHOUT_EXTENSION = textwrap.dedent("""
+    import sys
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    class NoExtension:  # the package as installed where its extension could not be built
+        def find_spec(self, name, path=None, target=None):
+            if name == "selective_scan._C":
+                raise ImportError("not built")
+
+    sys.meta_path.insert(0, NoExtension())
+    from selective_scan import ops, ss2d, triton_ss2d
+
+    def has_cuda_kernel(op):
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"selective_scan_ss2d::{op}", "CUDA")
+
+    cuda = torch.device("cuda")
+    fake = FakeTensorMode()
+    with fake:  # CUDA tensors as torch.compile sees them: enough for the dispatch rule
+        x = torch.empty(2, 5, 7, 12, device="cuda", dtype=torch.float16)
+        x_cf = x.permute(0, 3, 1, 2)
+    # a call makes the Triton kernels the fused ops' CUDA kernel, not the import
+    assert not ops.extension_built() and not ss2d.triton_is_cuda_kernel()
+    assert not (has_cuda_kernel("fwd") or has_cuda_kernel("bwd") or ss2d.kernel_runs_on(cuda))
+    assert ss2d.select_core(x_cf, 6, 1) == "unfused"
+    assert "register_triton_cuda_kernels" in ss2d.fused_unsupported_reason(6, 1, x=x)
+    ss2d.register_triton_cuda_kernels()
+    ss2d.register_triton_cuda_kernels()  # a second call changes nothing
+    assert has_cuda_kernel("fwd") and has_cuda_kernel("bwd") and ss2d.kernel_runs_on(cuda)
+    assert not ops.kernel_runs_on(cuda)  # the scan's Triton kernels are a call of their own
+    assert ss2d.select_core(x_cf, 6, 1) == "fused" and ss2d.select_core(x_cf, 6, 16) == "fused"
+    assert ss2d.fused_unsupported_reason(66, 16, x=x) is None
+    assert "d_state is 17" in ss2d.fused_unsupported_reason(6, 17, x=x)
+    assert "dt rank 67" in ss2d.fused_unsupported_reason(67, 1, x=x)
+    assert ss2d.select_core(x_cf, 6, 17) == "unfused"
+    assert "d_state is 16" in ss2d.fused_unsupported_reason(6, 16)  # without x: the CUDA kernels' limits still
+    with fake:  # what torch.compile sees: the Triton forward's outputs
+        x_dbl = torch.empty(2, 5, 7, 4 * (6 + 2 * 3), device="cuda", dtype=torch.float16)
+        params = [torch.empty(4, 12, 6, device="cuda"), torch.empty(4, 12, device="cuda"),
+                  torch.empty(48, 3, device="cuda"), torch.empty(48, device="cuda")]
+        y, ckpt = torch.ops.selective_scan_ss2d.fwd(x, x_dbl, *params)
+    assert y.dtype == torch.float32 and tuple(y.shape) == (2, 5, 7, 12)
+    assert tuple(ckpt.shape) == triton_ss2d.checkpoint_shape(x.shape, 3) == (2, 4, 3, 3, 12)
+    print("registered")
+""")
+
+
+def test_registration_as_the_missing_cuda_kernel(triton_interpreted):
+    """Without the extension (as installed where it cannot be built) the Triton kernels register as the fused ops'
+    CUDA kernel: CUDA tensors then take the fused core by default, and the fake kernel gives their checkpoints."""
+    assert triton_interpreted(WITHOUT_EXTENSION).split() == ["registered"]
+
+
+# ------------------------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", list(CASES))
+def test_cuda_cases_match_float64_reference(name):
+    check_case(name, "cuda")
+
+
+def check_against_extension(inputs, dtype, seed):
+    """The Triton kernels against the float64 reference, then (where the extension has CUDA kernels) against it."""
+    fused = op_grads(inputs, "triton", seed)
+    check_op(fused, op_grads(inputs, "float64", seed), dtype)
+    if not selective_scan.cuda_available():
+        pytest.skip(f"the CUDA extension is not built ({selective_scan.build_info()})")
+    check_op(fused, op_grads(inputs, "op", seed), dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("stage", range(len(STAGES)))
+@pytest.mark.parametrize("dtype", [F16, BF16, F32], ids=["fp16", "bf16", "fp32"])
+def test_cuda_stage_shapes_match_float64_and_the_extension(dtype, stage):
+    dim, height, width, rank = STAGES[stage]
+    seed = seed_of(f"stage{stage}-{dtype}")
+    check_against_extension(op_inputs(2, dim, height, width, rank, 1, dtype, "cuda", seed), dtype, seed)
+
+
+@pytest.mark.cuda
+def test_cuda_detection_size_map():
+    """A Mask R-CNN stage-1 map at 1333x800 input (200 x 336), batch 1: 1050 chunks per route."""
+    check_against_extension(op_inputs(1, 24, 200, 336, 2, 1, F16, "cuda", 8), F16, 8)
