@@ -5,11 +5,18 @@ driven by the config (its ``default_scope`` picks mmdet or mmseg, its ``custom_i
 ``MM_VSSM``), so one implementation serves both folders and works from any working directory.
 """
 import argparse
+import datetime
 import os
 import os.path as osp
 
+import torch
+import torch.distributed as dist
+
 try:
     from mmengine.config import Config, DictAction
+    from mmengine.logging import MMLogger
+    from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+    from mmengine.registry import MODEL_WRAPPERS
     from mmengine.runner import Runner
 except ImportError as error:  # the base environment (./dev.sh demo) has no OpenMMLab stack
     raise SystemExit(f'{error.name} is not installed: the detection / segmentation tools need mmengine, mmcv, '
@@ -50,7 +57,50 @@ def _load_config(args):
     return cfg
 
 
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """MMDistributedDataParallel for a model on the CPU (processes over gloo).
+
+    mmengine's Runner passes ``device_ids=[LOCAL_RANK]``, which DDP accepts for a GPU model only, so they are
+    dropped. SyncBN synchronises over GPUs only: its layers become BatchNorm, each process normalising over its
+    own batch (what mmengine does for a one-process run).
+    """
+
+    def __init__(self, module, device_ids=None, **kwargs):
+        sync_bn_layers = sum(type(m).__name__ == 'SyncBatchNorm' for m in module.modules())
+        if sync_bn_layers:
+            MMLogger.get_current_instance().warning(
+                f'{sync_bn_layers} SyncBN layers become BatchNorm: SyncBN needs CUDA, and these processes run on '
+                'the CPU; each normalises over its own batch')
+        super().__init__(module=revert_sync_batchnorm(module), **kwargs)
+
+
+def _join_cpu_processes(cfg):
+    """Set up ``--launcher pytorch`` on a machine without CUDA.
+
+    mmengine's set-up assumes one GPU per process (torch.cuda.set_device, the config's NCCL backend, DDP on
+    device LOCAL_RANK). Here the processes join over gloo before the Runner exists (it then skips its own
+    set-up), and the model goes into CPUDistributedDataParallel.
+    """
+    if cfg.launcher != 'pytorch':
+        raise RuntimeError(f'--launcher {cfg.launcher} needs CUDA GPUs; on the CPU start the processes with '
+                           'dist_train.sh / dist_test.sh (--launcher pytorch)')
+    dist_cfg = cfg.get('env_cfg', {}).get('dist_cfg', {})
+    dist.init_process_group(backend='gloo', timeout=datetime.timedelta(seconds=dist_cfg.get('timeout', 1800)))
+    wrapper = dict(cfg.get('model_wrapper_cfg') or {})
+    if wrapper.get('type', 'MMDistributedDataParallel') != 'MMDistributedDataParallel':
+        raise RuntimeError(f"model_wrapper_cfg type {wrapper['type']!r} cannot run on the CPU; without CUDA "
+                           'the processes use CPUDistributedDataParallel')
+    wrapper['type'] = 'CPUDistributedDataParallel'
+    # mmengine's defaults when the config names no wrapper
+    wrapper.setdefault('broadcast_buffers', False)
+    wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+    cfg.model_wrapper_cfg = wrapper
+
+
 def _build_runner(cfg):
+    if cfg.launcher != 'none' and not torch.cuda.is_available():
+        _join_cpu_processes(cfg)
     if 'runner_type' in cfg:
         from mmengine.registry import RUNNERS
         return RUNNERS.build(cfg)

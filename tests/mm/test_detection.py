@@ -101,6 +101,27 @@ def test_train_resume_and_test_tools(tmp_path, demo_data, mm_tool):
 
 
 @pytest.mark.slow
+def test_dist_train_on_two_cpu_processes_evaluates_like_one(tmp_path, demo_data, mm_tool, logged_metrics):
+    """dist_train.sh trains on 2 CPU processes (gloo, DDP without device ids, a free port); its closing
+    evaluation, each process on its share of the images, logs the CocoMetric values that test.py gives on one
+    process for the saved weights (one thread per process in both, so each image's forward is the same
+    computation). No warm-up, a larger lr and a score threshold of 0 (100 detections per image) make the
+    metrics of 2 iterations more than zero."""
+    work = tmp_path / 'work'
+    options = ['--cfg-options', *TINY_BACKBONE, *NO_WORKERS, 'model.test_cfg.rcnn.score_thr=0', 'randomness.seed=0',
+               'param_scheduler.0.start_factor=1.0', 'optim_wrapper.optimizer.lr=0.001']
+    log = mm_tool('detection', 'dist_train.sh', DEMO, 2, '--work-dir', work, *options, 'train_cfg.max_iters=2',
+                  'train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=2', cwd=tmp_path, data=demo_data)
+    assert 'Distributed training: True' in log and "type='CPUDistributedDataParallel'" in log
+    assert 'Saving checkpoint at 2 iterations' in log
+    two = logged_metrics(log, 'val')
+    log = mm_tool('detection', 'test.py', DEMO, work / 'iter_2.pth', '--work-dir', tmp_path / 'test', *options,
+                  cwd=tmp_path, data=demo_data, env={'OMP_NUM_THREADS': '1'})
+    one = logged_metrics(log, 'test')
+    assert one == two and one['coco/bbox_mAP_50'] > 0, (one, two)
+
+
+@pytest.mark.slow
 def test_published_configs_build_through_the_apis_from_a_foreign_cwd(tmp_path):
     """`custom_imports` alone registers MM_VSSM: no cwd, PYTHONPATH or prior import needed."""
     script = f'''

@@ -4,6 +4,7 @@ CPU only: tiny generated ADE20K-layout images (batch 2: PPM's BatchNorm needs mo
 value per channel in train mode); the real VMamba-T where the test is about VMamba-T, a tiny
 backbone and head where it is about the tools.
 """
+import pickle
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,34 @@ def test_train_test_and_tta_tools(tmp_path, demo_data, mm_tool):
     from mmengine.config import Config
     used = Config.fromfile(str(work / 'upernet_vssm_synthetic_tiny.py'))
     assert used.model.type == 'SegTTAModel' and used.model.module.backbone.type == 'MM_VSSM'
+
+
+@pytest.mark.slow
+def test_dist_train_and_dist_test_tta_on_two_cpu_processes(tmp_path, demo_data, mm_tool, logged_metrics):
+    """dist_train.sh trains on 2 CPU processes (the heads' SyncBN becomes BatchNorm; no warm-up and a large lr,
+    so 2 iterations give predictions that score); dist_test.sh --tta on 2 processes dumps the predictions of
+    test.py --tta on one, in the same order, and logs the same IoUMetric values (one thread per process in both,
+    so each image's forward is the same computation)."""
+    work = tmp_path / 'work'
+    log = mm_tool('segmentation', 'dist_train.sh', DEMO, 2, '--work-dir', work, '--cfg-options', *TINY_MODEL_ARGS,
+                  *NO_WORKERS, 'train_cfg.max_iters=2', 'train_cfg.val_interval=100',
+                  'default_hooks.checkpoint.interval=2', 'param_scheduler.0.start_factor=1.0',
+                  'optim_wrapper.optimizer.lr=0.01', 'randomness.seed=0', cwd=tmp_path, data=demo_data)
+    assert 'SyncBN layers become BatchNorm' in log and 'Saving checkpoint at 2 iterations' in log
+    metrics, predictions = [], []
+    for tool, processes in (('test.py', []), ('dist_test.sh', [2])):
+        out = tmp_path / f'{tool}.pkl'
+        log = mm_tool('segmentation', tool, DEMO, work / 'iter_2.pth', *processes, '--tta', '--out', out,
+                      '--work-dir', tmp_path / 'test', '--cfg-options', *TINY_MODEL_ARGS, *NO_WORKERS,
+                      cwd=tmp_path, data=demo_data, env={'OMP_NUM_THREADS': '1'})
+        metrics.append(logged_metrics(log, 'test'))
+        predictions.append(pickle.loads(out.read_bytes()))
+    one, two = predictions
+    assert [p['img_path'] for p in two] == [p['img_path'] for p in one] and len(one) == 2
+    for a, b in zip(one, two):
+        assert torch.equal(a['seg_logits']['data'], b['seg_logits']['data'])
+        assert torch.equal(a['pred_sem_seg']['data'], b['pred_sem_seg']['data'])
+    assert metrics[0] == metrics[1] and metrics[0]['aAcc'] > 0, metrics
 
 
 def test_flops_count_the_decode_head_too(monkeypatch, demo_data):

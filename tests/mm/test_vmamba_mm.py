@@ -100,6 +100,12 @@ def test_dist_scripts_launch_their_own_tools(task, tmp_path):
                           cwd=tmp_path, env=env, capture_output=True, text=True, check=True).stdout.split()
     assert '--nproc_per_node=1' in test
     assert test[-6:] == [str(tools / 'test.py'), 'cfg.py', 'ckpt.pth', '--tta', '--launcher', 'pytorch']
+    # one node and no PORT: a standalone launcher on a free port (29500 may be another job's)
+    one_node = {k: v for k, v in env.items() if k not in ('NNODES', 'NODE_RANK', 'MASTER_ADDR', 'PORT')}
+    test = subprocess.run(['bash', str(tools / 'dist_test.sh'), 'cfg.py', 'ckpt.pth', '2'],
+                          cwd=tmp_path, env=one_node, capture_output=True, text=True, check=True).stdout.split()
+    assert test[:4] == ['-m', 'torch.distributed.launch', '--standalone', '--nproc_per_node=2']
+    assert not [arg for arg in test if arg.startswith(('--master', '--nnodes', '--node_rank'))]
 
     missing_gpus = subprocess.run(['bash', str(tools / 'dist_test.sh'), 'cfg.py', 'ckpt.pth'],
                                   cwd=tmp_path, env=env, capture_output=True, text=True)

@@ -4,6 +4,8 @@
 #   bash dist_run.sh TOOLS_DIR test CONFIG CHECKPOINT GPUS [test.py args]
 # runs TOOLS_DIR/{train,test}.py on GPUS processes per node with `--launcher pytorch`, through the
 # legacy launcher as OpenMMLab's scripts do; multi-node through NNODES, NODE_RANK, MASTER_ADDR and PORT.
+# On one node without PORT the launcher runs standalone: it picks a free port, so several jobs can share
+# a machine. Without CUDA the processes run on the CPU over gloo (vmamba_mm/launch.py).
 set -euo pipefail
 TOOLS_DIR=$1
 ACTION=$2
@@ -22,10 +24,11 @@ fi
 POSITIONAL=("${@:1:NUM_POSITIONAL-1}")
 GPUS=${!NUM_POSITIONAL}
 shift "$NUM_POSITIONAL"
-exec "${PYTHON:-python}" -m torch.distributed.launch \
-    --nnodes="${NNODES:-1}" \
-    --node_rank="${NODE_RANK:-0}" \
-    --master_addr="${MASTER_ADDR:-127.0.0.1}" \
-    --nproc_per_node="$GPUS" \
-    --master_port="${PORT:-29500}" \
+if [ "${NNODES:-1}" = 1 ] && [ -z "${PORT:-}" ]; then
+  RENDEZVOUS=(--standalone)
+else
+  RENDEZVOUS=(--nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" --master_addr="${MASTER_ADDR:-127.0.0.1}"
+              --master_port="${PORT:-29500}")
+fi
+exec "${PYTHON:-python}" -m torch.distributed.launch "${RENDEZVOUS[@]}" --nproc_per_node="$GPUS" \
     "$TOOLS_DIR/$ACTION.py" "${POSITIONAL[@]}" "$@" --launcher pytorch
