@@ -81,9 +81,9 @@ def check_errors_and_empty_inputs():
     empty outputs and zero gradients."""
     inputs = op_inputs(1, 8, 3, 4, 2, 1, F32, "cpu", 0)
 
-    def rejected(error, match, args):
+    def rejected(error, match, args, kernel=triton_ss2d.forward):
         try:
-            triton_ss2d.forward(*args)
+            kernel(*args)
         except error as e:
             assert match in str(e), e
         else:
@@ -92,16 +92,17 @@ def check_errors_and_empty_inputs():
     rejected(ValueError, "d_state is 17", op_inputs(1, 8, 3, 4, 2, 17, F32, "cpu", 0))
     rejected(ValueError, "dt rank is 67", op_inputs(1, 8, 3, 4, 67, 1, F32, "cpu", 0))
     rejected(TypeError, "float64", [inputs[0].double(), inputs[1].double()] + inputs[2:])
-    rejected(TypeError, "`x_dbl` must have x's dtype", [inputs[0], inputs[1].half()] + inputs[2:])
-    rejected(ValueError, "`x_dbl` must have shape (1, 3, 4, 16)", [inputs[0], inputs[1][..., :-1]] + inputs[2:])
-    rejected(ValueError, "`dt_bias` must have shape (4, 8)", inputs[:3] + [inputs[3].view(-1)] + inputs[4:])
+    rejected(TypeError, "`x_dbl` must be torch.float32, got torch.float16", [inputs[0], inputs[1].half()] + inputs[2:])
+    rejected(ValueError, "`x_dbl` must have shape (1, 3, 4, 16), got (1, 3, 4, 15)",
+             [inputs[0], inputs[1][..., :-1]] + inputs[2:])
+    rejected(ValueError, "`dt_bias` must have shape (4, 8), got (32)", inputs[:3] + [inputs[3].view(-1)] + inputs[4:])
+    rejected(ValueError, "`A_log` must have shape (32, N), got (4, 8)", inputs[:4] + [inputs[4].view(4, 8)] + inputs[5:])
+    rejected(TypeError, "`Ds` must be torch.float32", inputs[:5] + [inputs[5].half()])
     _, ckpt = triton_ss2d.forward(*inputs)
-    try:
-        triton_ss2d.backward(torch.zeros(inputs[0].shape), *inputs, ckpt[:, :, :, :, :4])
-    except ValueError as e:
-        assert "`ckpt` has shape (1, 4, 1, 1, 4)" in str(e), e
-    else:
-        raise AssertionError("a checkpoint of the wrong shape was accepted")
+    rejected(ValueError, "`dy` must have shape (1, 3, 4, 8), got (1, 4, 3, 8)",
+             [torch.zeros(1, 4, 3, 8)] + inputs + [ckpt], triton_ss2d.backward)
+    rejected(ValueError, "`ckpt` has shape (1, 4, 1, 1, 4)",
+             [torch.zeros(inputs[0].shape)] + inputs + [ckpt[..., :4]], triton_ss2d.backward)
     empty = op_inputs(0, 8, 3, 4, 2, 1, F16, "cpu", 0)
     y, grads = op_grads(empty, "triton", 0)
     assert y.shape == (0, 3, 4, 8) and all(not g.any() for g in grads)

@@ -84,39 +84,45 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+def _shape(sizes) -> str:
+    """Sizes as the CUDA kernels' errors print them: (2, 3), (48)."""
+    return "(" + ", ".join(str(size) for size in sizes) + ")"
+
+
 def check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds, caller: str = "selective_scan_ss2d (triton)") -> None:
-    """Raises a clear error naming the argument if the Triton kernels cannot take this call."""
+    """Raises a clear error naming the argument if the Triton kernels cannot take this call (the messages of the
+    CUDA kernels' checks where they apply)."""
     if triton is None:
         raise RuntimeError(f"{caller}: triton is not installed")
     if not (x.is_cuda or (x.device.type == "cpu" and triton_scan._interpreting())):
         raise ValueError(f"{caller}: the Triton kernels take CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), "
                          f"`x` is on {x.device}")
     if x.dim() != 4:
-        raise ValueError(f"{caller}: `x` must be (B, H, W, D), got shape {tuple(x.shape)}")
+        raise ValueError(f"{caller}: `x` must be (B, H, W, D), got shape {_shape(x.shape)}")
     if x.dtype not in _DTYPES:
         raise TypeError(f"{caller}: the Triton kernels take float32/float16/bfloat16 `x`, not {x.dtype}")
     batch, height, width, dim = x.shape
     if A_log.dim() != 2 or A_log.shape[0] != K * dim:
-        raise ValueError(f"{caller}: `A_log` must be (4*D={K * dim}, N), got {tuple(A_log.shape)}")
+        raise ValueError(f"{caller}: `A_log` must have shape ({K * dim}, N), got {_shape(A_log.shape)}")
     d_state = A_log.shape[1]
     if not 1 <= d_state <= MAX_D_STATE:
         raise ValueError(f"{caller}: d_state is {d_state}; the Triton kernels support 1 to {MAX_D_STATE}")
     if dt_weight.dim() != 3 or dt_weight.shape[:2] != (K, dim):
-        raise ValueError(f"{caller}: `dt_weight` must be (4, D={dim}, R), got {tuple(dt_weight.shape)}")
+        raise ValueError(f"{caller}: `dt_weight` must have shape ({K}, {dim}, R), got {_shape(dt_weight.shape)}")
     rank = dt_weight.shape[2]
     if not 1 <= rank <= MAX_RANK:
         raise ValueError(f"{caller}: dt rank is {rank}; the Triton kernels support 1 to {MAX_RANK}")
-    expected = {"x_dbl": (batch, height, width, K * (rank + 2 * d_state)), "dt_bias": (K, dim), "Ds": (K * dim,)}
-    for name, t in (("x_dbl", x_dbl), ("dt_bias", dt_bias), ("Ds", Ds)):
-        if tuple(t.shape) != expected[name]:
-            raise ValueError(f"{caller}: `{name}` must have shape {expected[name]}, got {tuple(t.shape)}")
-    if x_dbl.dtype != x.dtype:
-        raise TypeError(f"{caller}: `x_dbl` must have x's dtype {x.dtype}, got {x_dbl.dtype}")
-    for name, t in (("x_dbl", x_dbl), ("dt_weight", dt_weight), ("dt_bias", dt_bias), ("A_log", A_log), ("Ds", Ds)):
+    for name, t, dtype, shape in (("x_dbl", x_dbl, x.dtype, (batch, height, width, K * (rank + 2 * d_state))),
+                                  ("dt_weight", dt_weight, torch.float32, dt_weight.shape),
+                                  ("dt_bias", dt_bias, torch.float32, (K, dim)),
+                                  ("A_log", A_log, torch.float32, A_log.shape),
+                                  ("Ds", Ds, torch.float32, (K * dim,))):
         if t.device != x.device:
-            raise ValueError(f"{caller}: `{name}` is on {t.device} but `x` is on {x.device}")
-        if name != "x_dbl" and t.dtype != torch.float32:
-            raise TypeError(f"{caller}: `{name}` must be float32, got {t.dtype}")
+            raise ValueError(f"{caller}: `{name}` is on {t.device}, `x` on {x.device}")
+        if t.dtype != dtype:
+            raise TypeError(f"{caller}: `{name}` must be {dtype}, got {t.dtype}")
+        if tuple(t.shape) != tuple(shape):
+            raise ValueError(f"{caller}: `{name}` must have shape {_shape(shape)}, got {_shape(t.shape)}")
 
 
 if triton is not None:
@@ -335,11 +341,11 @@ def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints):
     `forward`'s checkpoints; dx and dx_dbl in their inputs' dtypes, the parameters' gradients fp32."""
     check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
     if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"selective_scan_ss2d (triton): `dy` must have shape {tuple(x.shape)}, got {tuple(dy.shape)}")
+        raise ValueError(f"selective_scan_ss2d (triton): `dy` must have shape {_shape(x.shape)}, got {_shape(dy.shape)}")
     expected = checkpoint_shape(x.shape, A_log.shape[1])
     if tuple(checkpoints.shape) != expected:
-        raise ValueError(f"selective_scan_ss2d (triton): `ckpt` has shape {tuple(checkpoints.shape)}; the Triton "
-                         f"forward saves {expected} for these inputs")
+        raise ValueError(f"selective_scan_ss2d (triton): `ckpt` has shape {_shape(checkpoints.shape)}; the Triton "
+                         f"forward saves {_shape(expected)} for these inputs")
     dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints = (
         t.contiguous() for t in (dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints))
     if x.numel() == 0:
