@@ -5,8 +5,8 @@ when first called.
 Inputs as the ops take them: x (B, H, W, D) channels-last, x_dbl (B, H, W, 4, R + 2N) in x's dtype (route k's row
 [dt-rank values, B, C]), SS2D's dt_projs_weight (4, D, R), dt_projs_bias (4, D), A_logs (4D, N) and Ds (4D,) in fp32.
 
-Layout. One program owns a block of BLOCK_D channels of one sample and walks the four cross2d routes one after the
-other, each in chunks of steps, with the chunk as (channels, states, steps) tiles in registers (the pieces of
+Layout. One program owns a block of up to BLOCK_D channels of one sample and walks the four cross2d routes in turn,
+each in chunks of steps, with the chunk as (channels, states, steps) tiles in registers (the pieces of
 triton_scan.py: a chunk's recurrence is one associative scan, entered with the state the previous chunk ended in).
 A step's position in its route comes from the index map (row-major, column-major and their reverses) computed from
 the step number, so x, y, dy and dx are read and written in place in the (B, H, W, D) maps, BLOCK_D contiguous
