@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Checks an installed VMamba on one GPU: the CUDA tests, then the measurements behind BENCHMARKS.md.
+# Checks an installed VMamba on one GPU (or N, where TRAIN_GPUS / MM_GPUS say): the CUDA tests, then the
+# measurements behind BENCHMARKS.md.
 #
 #   bash benchmarks/gpu_check.sh [PART ...]        (default: all)
+#   TRAIN_GPUS=8 MM_GPUS=8 bash benchmarks/gpu_check.sh train mm      (the multi-GPU checks, on 8 GPUs)
 #
 #   tests    every `cuda`-marked test (pytest -m cuda tests)
 #   kernels  benchmarks/bench_scan.py; benchmarks/bench_ss2d.py at the 224 px stage shapes (ssm_ratio 1, then
@@ -9,11 +11,17 @@
 #   models   benchmarks/bench_model.py (224 px, batch 128), then benchmarks/host_cost.py
 #   scaleup  analyze/tp.py: VMamba-T, Swin-T and ConvNeXt-T at batch 32, 224..1024 px (CSV and scaleup.png)
 #   train    classification/main.py with VMamba-T's full recipe on generated ImageFolder data (img/s, fp16
-#            stability: non-finite losses, skipped updates)
+#            stability: non-finite losses, skipped updates). With TRAIN_GPUS=N > 1 also the N-GPU torchrun run
+#            (scaling efficiency) and the kill / resume check: a 2-epoch N-GPU run with one rank killed by
+#            kill -9 during epoch 1, resumed by the same command and compared with the uninterrupted run, and
+#            its epoch-0 checkpoint resumed on 1 GPU, whose learning rate must follow its own schedule
+#            (benchmarks/resume_check.py prints the verdict)
 #   mm       Mask R-CNN and UperNet, VMamba-T against Swin-T backbones, trained from scratch on generated
-#            shapes (box / mask AP and mIoU at each evaluation, img/s)
+#            shapes (box / mask AP and mIoU at each evaluation, img/s). With MM_GPUS=N > 1 the VMamba-T runs also
+#            train with dist_train.sh on N GPUs, and their 1-GPU checkpoints are evaluated with test.py on 1 GPU
+#            and dist_test.sh on N (UperNet with --tta): the two rows should agree
 #   all      all of the above, in this order
-# Each part fits in 10 minutes on one H100.
+# Each part fits in 10 minutes on one H100; the multi-GPU additions take a few minutes more.
 #
 # The project must be installed first, with the selective-scan extension built for this GPU (it needs a CUDA
 # toolkit and a CUDA build of torch): `./dev.sh setup` (then PYTHON=.venv/bin/python), or
@@ -26,8 +34,10 @@
 #   OUT          where logs, JSON and CSV go, one folder per part (default ./gpu_check_out)
 #   TRAIN_STEPS  training steps per run (default 300); TRAIN_BATCH images per GPU (default 128);
 #   TRAIN_CFG    classification config (default classification/configs/vssm/vmambav2v_tiny_224.yaml);
-#   TRAIN_GPUS   1 (default), or N > 1 to add an N-GPU torchrun run and the scaling efficiency
+#   TRAIN_GPUS   1 (default), or N > 1 to add the N-GPU torchrun run, the scaling efficiency and the kill /
+#                resume check (TRAIN_RESUME_STEPS steps per GPU and epoch, default 40)
 #   MM_ITERS     iterations per detection / segmentation run (default 300; evaluation every third of them)
+#   MM_GPUS      1 (default), or N > 1 to add the dist_train.sh / dist_test.sh runs on N GPUs
 #
 # The first line printed describes the machine (GPU, driver, torch, CUDA, the extension's build, the host's
 # time per tiny CUDA op, which launch-bound models follow). Each part ends with its duration; the exit status
@@ -145,23 +155,65 @@ EOF
   echo "$root"
 }
 
+# loader_workers GPUS: data-loader workers per process, the host's cores shared among GPUS processes, 8 at most.
+loader_workers() {
+  echo $(( $(nproc) / $1 < 8 ? $(nproc) / $1 : 8 ))
+}
+
 # train_run NAME GPUS: one epoch of TRAIN_STEPS steps on GPUS processes, output under $OUT/train/NAME.
 train_run() {
   local name=$1 gpus=$2 data
   local steps=${TRAIN_STEPS:-300} batch=${TRAIN_BATCH:-128}
-  local workers=$(( $(nproc) / gpus < 8 ? $(nproc) / gpus : 8 ))
   local launcher=("$PY")
   [ "$gpus" -gt 1 ] && launcher=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$gpus")
   data=$(train_data $(( steps * batch * gpus ))) || return 1
   rm -rf "${OUT:?}/train/$name"
   echo "--- $name: $gpus GPU(s), $steps steps of $batch images per GPU"
-  "${launcher[@]}" classification/main.py --cfg "${TRAIN_CFG:-classification/configs/vssm/vmambav2v_tiny_224.yaml}" \
+  "${launcher[@]}" classification/main.py --cfg "$TRAIN_CONFIG" \
     --data-path "$data" --batch-size "$batch" --output "$OUT/train/$name" --model_ema \
-    --opts TRAIN.EPOCHS 1 TRAIN.WARMUP_EPOCHS 0 PRINT_FREQ 20 DATA.NUM_WORKERS "$workers" TRAIN.AUTO_RESUME False \
-    >"$OUT/train/$name.log" 2>&1
+    --opts TRAIN.EPOCHS 1 TRAIN.WARMUP_EPOCHS 0 PRINT_FREQ 20 DATA.NUM_WORKERS "$(loader_workers "$gpus")" \
+    TRAIN.AUTO_RESUME False >"$OUT/train/$name.log" 2>&1
   local status=$?
   tail -n 4 "$OUT/train/$name.log"
   return $status
+}
+
+# train_resume GPUS: 2 epochs of TRAIN_RESUME_STEPS steps on GPUS processes, run three ways: uninterrupted; killed
+# (kill -9 of the last rank once epoch 1 has begun; the launcher must end the run), then the same command again
+# (auto-resume from ckpt_epoch_0.pth); and resumed from that checkpoint on 1 GPU, which makes GPUS times the
+# updates per epoch and must continue its own learning-rate schedule at epoch 1. Prints the comparison.
+train_resume() {
+  local gpus=$1 steps=${TRAIN_RESUME_STEPS:-40} batch=${TRAIN_BATCH:-128}
+  local dir=$OUT/train/resume last=$(( $1 - 1 )) data launcher pid run_dir
+  data=$(train_data $(( steps * batch * gpus ))) || return 1
+  rm -rf "${dir:?}"
+  mkdir -p "$dir"
+  local args=(classification/main.py --cfg "$TRAIN_CONFIG" --data-path "$data" --batch-size "$batch" --model_ema
+              --opts TRAIN.EPOCHS 2 TRAIN.WARMUP_EPOCHS 1 PRINT_FREQ 10 DATA.NUM_WORKERS "$(loader_workers "$gpus")")
+  local torchrun=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$gpus")
+  echo "--- resume: $gpus GPUs, 2 epochs of $steps steps of $batch images per GPU; kill -9 of rank $last in epoch 1"
+  "${torchrun[@]}" "${args[@]}" --output "$dir/uninterrupted" >"$dir/uninterrupted.log" 2>&1 ||
+    { tail -n 20 "$dir/uninterrupted.log"; return 1; }
+  "${torchrun[@]}" "${args[@]}" --output "$dir/killed" >"$dir/killed.log" 2>&1 &
+  launcher=$!
+  until grep -qs "Train: \[1/2\]" "$dir"/killed/*/default/log_rank$last.txt; do
+    kill -0 "$launcher" 2>/dev/null || { tail -n 20 "$dir/killed.log"; echo "the run ended before epoch 1"; return 1; }
+    sleep 0.2
+  done
+  pid=$(grep -o "rank $last/$gpus, local rank $last, pid [0-9]*" "$dir"/killed/*/default/log_rank$last.txt)
+  kill -9 "${pid##* }"
+  if wait "$launcher"; then
+    echo "the launcher exited with status 0 after rank $last was killed"
+    return 1
+  fi
+  run_dir=$(cd "$dir"/killed/*/default && pwd)
+  ls "$run_dir" | grep ckpt_epoch_ | sed 's/^/after the kill: /'
+  mkdir -p "$dir/one_gpu/${run_dir#"$dir/killed/"}"
+  cp "$run_dir/ckpt_epoch_0.pth" "$dir/one_gpu/${run_dir#"$dir/killed/"}/"
+  "${torchrun[@]}" "${args[@]}" --output "$dir/killed" >"$dir/resumed.log" 2>&1 ||
+    { tail -n 20 "$dir/resumed.log"; return 1; }
+  "$PY" "${args[@]}" --output "$dir/one_gpu" >"$dir/one_gpu.log" 2>&1 || { tail -n 20 "$dir/one_gpu.log"; return 1; }
+  "$PY" benchmarks/resume_check.py "$dir" "${args[@]}"
 }
 
 part_train() {
@@ -206,12 +258,44 @@ EOF
   return $status
 }
 
+# mm_train CONFIG NAME GPUS ITERS: trains CONFIG for ITERS iterations (evaluations every third, one checkpoint at
+# the end) with train.py on one GPU or dist_train.sh on GPUS, work dir and log $OUT/mm/NAME[.log].
+mm_train() {
+  local config=$1 name=$2 gpus=$3 iters=$4 start=$SECONDS
+  local options=(--work-dir "$OUT/mm/$name" --cfg-options "train_cfg.max_iters=$iters"
+                 "train_cfg.val_interval=$(( iters / 3 > 0 ? iters / 3 : 1 ))" "default_hooks.checkpoint.interval=$iters")
+  if [ "$gpus" -gt 1 ]; then
+    PYTHON=$PY bash "${config%%/*}/tools/dist_train.sh" "$config" "$gpus" "${options[@]}"
+  else
+    "$PY" "${config%%/*}/tools/train.py" "$config" "${options[@]}"
+  fi >"$OUT/mm/$name.log" 2>&1
+  local status=$?
+  [ $status -eq 0 ] || { tail -n 30 "$OUT/mm/$name.log"; echo "--- $name failed"; }
+  echo "--- $name: $iters iterations on $gpus GPU(s) in $(( SECONDS - start )) s, log $OUT/mm/$name.log"
+  return $status
+}
+
+# mm_test CONFIG CHECKPOINT GPUS NAME [test.py args]: evaluates CHECKPOINT with test.py on one GPU or dist_test.sh
+# on GPUS, log $OUT/mm/NAME.log.
+mm_test() {
+  local config=$1 checkpoint=$2 gpus=$3 name=$4
+  shift 4
+  if [ "$gpus" -gt 1 ]; then
+    PYTHON=$PY bash "${config%%/*}/tools/dist_test.sh" "$config" "$checkpoint" "$gpus" --work-dir "$OUT/mm/$name" "$@"
+  else
+    "$PY" "${config%%/*}/tools/test.py" "$config" "$checkpoint" --work-dir "$OUT/mm/$name" "$@"
+  fi >"$OUT/mm/$name.log" 2>&1 || { tail -n 30 "$OUT/mm/$name.log"; echo "--- $name failed"; return 1; }
+}
+
 part_mm() {
-  local dir=$OUT/mm iters=${MM_ITERS:-300} status=0 config name
+  local dir=$OUT/mm iters=${MM_ITERS:-300} gpus=${MM_GPUS:-1} status=0 config name n runs=() tests=()
   local configs=(detection/configs/demo/mask_rcnn_vssm_fpn_synthetic_tiny.py
                  detection/configs/demo/mask_rcnn_swin_fpn_synthetic_tiny.py
                  segmentation/configs/demo/upernet_vssm_synthetic_tiny.py
                  segmentation/configs/demo/upernet_swin_synthetic_tiny.py)
+  local vmamba_configs=("${configs[0]}" "${configs[2]}")
+  "$PY" -c "import sys, torch; n = torch.cuda.device_count()
+sys.exit(0 if n >= $gpus else f'MM_GPUS=$gpus but {n} GPU(s) visible')" || return 1
   "$PY" -c 'import mmcv, mmdet, mmseg; print("mmcv", mmcv.__version__, "| mmdet", mmdet.__version__,
     "| mmseg", mmseg.__version__)' || return 1
   export VMAMBA_DEMO_DATA=$dir/data
@@ -220,39 +304,69 @@ part_mm() {
   fi
   for config in "${configs[@]}"; do
     name=$(basename "$config" .py)
-    local start=$SECONDS
-    "$PY" "${config%%/*}/tools/train.py" "$config" --work-dir "$dir/$name" --cfg-options \
-      "train_cfg.max_iters=$iters" "train_cfg.val_interval=$(( iters / 3 > 0 ? iters / 3 : 1 ))" \
-      "default_hooks.checkpoint.interval=$iters" >"$dir/$name.log" 2>&1 ||
-      { tail -n 30 "$dir/$name.log"; echo "--- $name failed"; status=1; }
-    echo "--- $name: $iters iterations in $(( SECONDS - start )) s, log $dir/$name.log"
+    mm_train "$config" "$name" 1 "$iters" || status=1
+    runs+=("$name:1")
   done
-  "$PY" - "$dir" "${configs[@]}" <<'EOF' || status=1
+  if [ "$gpus" -gt 1 ]; then
+    # the same training on GPUS processes, then the 1-GPU checkpoint evaluated on 1 GPU and on GPUS processes
+    # (segmentation with --tta): the two evaluations should agree
+    for config in "${vmamba_configs[@]}"; do
+      name=$(basename "$config" .py)
+      mm_train "$config" "${name}_gpus_$gpus" "$gpus" "$iters" || status=1
+      runs+=("${name}_gpus_$gpus:$gpus")
+      local tta=()
+      [ "${config%%/*}" = segmentation ] && tta=(--tta)
+      for n in 1 "$gpus"; do
+        mm_test "$config" "$dir/$name/iter_$iters.pth" "$n" "${name}_test_gpus_$n" "${tta[@]}" || status=1
+        tests+=("${name}_test_gpus_$n:$n")
+      done
+    done
+  fi
+  "$PY" - "$dir" "${runs[@]}" -- "${tests[@]}" <<'EOF' || status=1
 import glob
 import json
-import os
+import re
 import statistics
 import sys
 
-out, configs = sys.argv[1], sys.argv[2:]
-print("| run | metric | at each evaluation | train loss (first -> last log) | train img/s |")
-print("| --- | --- | --- | --- | --- |")
-for config in configs:
-    name = os.path.basename(config)[:-3]
+out, entries = sys.argv[1], sys.argv[2:]
+runs, tests = entries[:entries.index("--")], entries[entries.index("--") + 1:]
+
+
+def metric_keys(name):
+    return ("coco/bbox_mAP", "coco/segm_mAP") if name.startswith("mask_rcnn") else ("mIoU",)
+
+
+print("| run | GPUs | metric | at each evaluation | train loss (first -> last log) | train img/s |")
+print("| --- | --- | --- | --- | --- | --- |")
+for run in runs:
+    name, gpus = run.rsplit(":", 1)
     files = sorted(glob.glob(f"{out}/{name}/*/vis_data/scalars.json"))
     if not files:
-        print(f"| {name} | no log | | | |")
+        print(f"| {name} | {gpus} | no log | | | |")
         continue
     entries = [json.loads(line) for line in open(files[-1])]
     train = [e for e in entries if "loss" in e and "time" in e]
     times = [e["time"] for e in train[1:]] or [e["time"] for e in train]  # the first window warms up
-    img_s = 2 / statistics.median(times) if times else float("nan")  # the demo configs' 2 images per iteration
-    keys = ("coco/bbox_mAP", "coco/segm_mAP") if name.startswith("mask_rcnn") else ("mIoU",)
+    # the demo configs' 2 images per GPU and iteration
+    img_s = 2 * int(gpus) / statistics.median(times) if times else float("nan")
+    keys = metric_keys(name)
     evaluations = " -> ".join("/".join(f"{e[k]:.3f}" if k.startswith("coco") else f"{e[k]:.2f}" for k in keys)
                               for e in entries if keys[0] in e)
     loss = f"{train[0]['loss']:.3f} -> {train[-1]['loss']:.3f}" if train else ""
     metric = "/".join(key.split("/")[-1] for key in keys)
-    print(f"| {name} | {metric} | {evaluations} | {loss} | {img_s:.1f} |")
+    print(f"| {name} | {gpus} | {metric} | {evaluations} | {loss} | {img_s:.1f} |")
+if tests:
+    print("\n| 1-GPU checkpoint evaluated | GPUs | metrics of test.py / dist_test.sh |")
+    print("| --- | --- | --- |")
+for test in tests:
+    name, gpus = test.rsplit(":", 1)
+    finals = re.findall(r"Iter\(test\) \[(\d+)/\1\]\s+(.*)", open(f"{out}/{name}.log").read())
+    # the overall metrics: COCO's AP by object size left out
+    metrics = {k: v for k, v in re.findall(r"(\S+): (-?[\d.]+)", finals[-1][1] if finals else "")
+               if "time" not in k and not re.search(r"_mAP_(75|s|m|l)$", k)}
+    print(f"| {name.rsplit('_test_', 1)[0]} | {gpus} | "
+          + (", ".join(f"{k} {v}" for k, v in metrics.items()) or "no result") + " |")
 EOF
   return $status
 }
