@@ -1,8 +1,9 @@
 """The classification trainer (classification/main.py) on the CPU: real runs on a tiny ImageFolder.
 
 Covers the launch modes (plain python, torchrun, the legacy torch.distributed.launch, two-"node"
-torchrun) with real DDP over gloo, kill -9 and resume, --eval of a checkpoint, non-finite losses,
-bad inputs, the optimizer's no-decay set, the LR schedule, and the shipped configs.
+torchrun) with real DDP over gloo, kill -9 and resume (of the single process, and of one rank of two, resumed
+on two processes or on one), --eval of a checkpoint, non-finite losses, bad inputs, the optimizer's no-decay
+set, the LR schedule, and the shipped configs.
 """
 import logging
 import os
