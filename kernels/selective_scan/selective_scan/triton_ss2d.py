@@ -11,7 +11,8 @@ triton_scan.py: a chunk's recurrence is one associative scan, entered with the s
 A step's position in its route comes from the index map (row-major, column-major and their reverses) computed from
 the step number, so x, y, dy and dx are read and written in place in the (B, H, W, D) maps, BLOCK_D contiguous
 channels per position: no (B, 4, D, L) route copies. dt = softplus(W_dt r + bias) is computed per chunk from the
-chunk's x_dbl rank rows r with a `tl.dot` in full fp32 (not TF32: dt enters exp(sum dt A) over thousands of steps).
+chunk's x_dbl rank values r with `tl.dot`s over slices of RANK_SLICE ranks, in full fp32 (not TF32: dt enters
+exp(sum dt A) over thousands of steps).
 
 Merging the routes. The program that owns a channel block owns all four routes of it, so it is the only writer of
 those channels of y: route 0 stores y, routes 1-3 load, add and store, with a block barrier between routes. Each
@@ -22,8 +23,8 @@ Backward. Per route, the program walks its chunks from the last, recomputes the 
 forward saved at the chunk's start (checkpoints (B, 4, chunks, N, D) fp32), and runs the adjoint recurrence as a
 second associative scan over tiles loaded in reversed step order, flipped back (`tl.associative_scan(...,
 reverse=True)` is wrong for non-commutative combines on GPUs, triton issue #4362). From the gradient of dt's
-pre-activation it forms, in-kernel, the gradient of the x_dbl rank values (W_dt^T ddt, a `tl.dot`) and of W_dt
-(ddt r^T, summed over the chunks). dx gathers its four routes like y (an fp32 sum; the last route writes x's dtype).
+pre-activation it forms, in-kernel, the gradient of the x_dbl rank values (W_dt^T ddt) and of W_dt (ddt r^T, summed
+over the chunks), again a slice of ranks per `tl.dot`. dx gathers its four routes like y (an fp32 sum; the last route writes x's dtype).
 Sums over channels (the x_dbl row gradients) are written per channel block, sums over positions (W_dt, dt bias,
 A_log, D) per sample; the host adds the partials, so results do not depend on scheduling.
 
@@ -52,9 +53,15 @@ __all__ = ["BLOCK_D", "MAX_D_STATE", "MAX_RANK", "available", "check_supported",
 # block's channels).
 BLOCK_D = 32
 MIN_BLOCK_D = 16
-# Elements of one (channels, states, steps) tile: sets the chunk length for a given number of states.
+# Elements of one (channels, states, steps) tile: sets the chunk length for a given number of states, between
+# MIN_CHUNK (the narrowest fp32 `tl.dot`) and MAX_CHUNK: compiled for sm_90, the backward spills 360 bytes per thread
+# with 64-step chunks and none with 32 (ptxas resource usage, Triton 3.8).
 TILE_ELEMENTS = 2048
 MIN_CHUNK = 8
+MAX_CHUNK = 32
+# dt ranks per `tl.dot` of the dt projection and its gradients (at least 8, the narrowest fp32 dot): a dot over all
+# of a wide rank at once holds its operands in registers and spills.
+RANK_SLICE = 16
 # The widest x_dbl row is R + 2N values; R up to the CUDA kernels' limit (ss2d.MAX_RANK), N up to the scan's.
 MAX_RANK = 66
 MAX_D_STATE = triton_scan.MAX_D_STATE
@@ -70,8 +77,8 @@ def available() -> bool:
 
 
 def chunk_steps(d_state: int) -> int:
-    """Steps per chunk: the checkpoint interval and the steps a tile holds (64 for d_state 1)."""
-    return max(MIN_CHUNK, TILE_ELEMENTS // (BLOCK_D * _next_power_of_2(d_state)))
+    """Steps per chunk: the checkpoint interval and the steps a tile holds (32 for d_state 1)."""
+    return max(MIN_CHUNK, min(MAX_CHUNK, TILE_ELEMENTS // (BLOCK_D * _next_power_of_2(d_state))))
 
 
 def checkpoint_shape(x_shape, d_state: int) -> tuple:
@@ -145,32 +152,37 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
-    def _dt(W, bias, rank_rows, mask):
-        """(dt, pre-activation) (channels, steps) from the block's W_dt rows (channels, R_PAD) and the steps' rank
-        rows (R_PAD, steps); dt is 0 where masked: there a step neither decays the state nor feeds it."""
-        pre = tl.dot(W, rank_rows, input_precision="ieee") + bias[:, None]
-        return tl.where(mask, _softplus(pre), 0.0), pre
+    def _dt(w_rows, entries, bias, channel_mask, step_mask, rank, SLICE: tl.constexpr):
+        """(dt, pre-activation) (channels, steps): W_dt r + bias for the block's W_dt rows (`w_rows` point at them)
+        and the steps' x_dbl rank values r (`entries` point at the rows), SLICE ranks per `tl.dot`; dt is 0 where
+        masked: there a step neither decays the state nor feeds it."""
+        index = tl.arange(0, SLICE)
+        pre = tl.zeros((w_rows.shape[0], entries.shape[0]), tl.float32) + bias[:, None]
+        for first in range(0, rank, SLICE):
+            index_mask = first + index < rank
+            W = tl.load(w_rows[:, None] + first + index[None, :], mask=channel_mask[:, None] & index_mask[None, :],
+                        other=0.0)
+            pre = tl.dot(W, _row_values(entries, first, index, index_mask, step_mask), pre, input_precision="ieee")
+        return tl.where(channel_mask[:, None] & step_mask[None, :], _softplus(pre), 0.0), pre
 
     @triton.jit
-    def _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask, rank_index, rank_mask,
-                          state, state_mask, dim, rank, n_state):
-        """W_dt (channels, R_PAD), dt bias, A = -exp(A_log) (channels, N_PAD) and D of the block's channels in route
-        `route`; padded states get A = 0 (and B = C = 0), so they stay 0 and add nothing."""
+    def _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask, state, state_mask, dim,
+                          rank, n_state):
+        """Pointers to the W_dt rows, the dt bias, A = -exp(A_log) (channels, N_PAD) and D of the block's channels in
+        route `route`; padded states get A = 0 (and B = C = 0), so they stay 0 and add nothing."""
         rows = route * dim + channel
-        W = tl.load(w_ptr + rows[:, None] * rank + rank_index[None, :], mask=channel_mask[:, None] & rank_mask[None, :],
-                    other=0.0)
         bias = tl.load(bias_ptr + rows, mask=channel_mask, other=0.0)
         state_masks = channel_mask[:, None] & state_mask[None, :]
         A_log = tl.load(A_log_ptr + rows[:, None] * n_state + state[None, :], mask=state_masks, other=0.0)
         A = tl.where(state_masks, -tl.exp(A_log), 0.0)
         D = tl.load(Ds_ptr + rows, mask=channel_mask, other=0.0)
-        return W, bias, A, D
+        return w_ptr + rows * rank, bias, A, D
 
     @triton.jit
     def _ss2d_fwd_kernel(
         x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, y_ptr, checkpoint_ptr,
         height, width, dim, rank, n_state, num_chunks,
-        BLOCK: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+        BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
     ):
         sample = tl.program_id(0).to(tl.int64)
         channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -178,13 +190,11 @@ if triton is not None:
         state = tl.arange(0, N_PAD)
         state_mask = state < n_state
         channel_state_mask = channel_mask[:, None] & state_mask[None, :]
-        rank_index = tl.arange(0, R_PAD)
-        rank_mask = rank_index < rank
         length = height * width
         row_width = rank + 2 * n_state
         for route in range(4):
-            W, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
-                                              rank_index, rank_mask, state, state_mask, dim, rank, n_state)
+            w_rows, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
+                                                   state, state_mask, dim, rank, n_state)
             checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
                                + channel[:, None])
             h = tl.zeros((BLOCK, N_PAD), tl.float32)
@@ -197,7 +207,7 @@ if triton is not None:
                 offsets = rows[None, :] * dim + channel[:, None]
                 x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
                 entries = x_dbl_ptr + (rows * 4 + route) * row_width
-                dt, _ = _dt(W, bias, _row_values(entries, 0, rank_index, rank_mask, step_mask), mask)
+                dt, _ = _dt(w_rows, entries, bias, channel_mask, step_mask, rank, SLICE)
                 B = _row_values(entries, rank, state, state_mask, step_mask)
                 C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
                 states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), (dt * x)[:, None, :] * B[None, :, :], h)
@@ -213,7 +223,7 @@ if triton is not None:
         dy_ptr, x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr,
         dx_sum_ptr, dx_ptr, d_rows_ptr, dw_ptr, dbias_ptr, dA_log_ptr, dDs_ptr,
         height, width, dim, rank, n_state, num_chunks,
-        BLOCK: tl.constexpr, R_PAD: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr,
+        BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
     ):
         sample = tl.program_id(0).to(tl.int64)
         channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -221,22 +231,20 @@ if triton is not None:
         state = tl.arange(0, N_PAD)
         state_mask = state < n_state
         channel_state_mask = channel_mask[:, None] & state_mask[None, :]
-        rank_index = tl.arange(0, R_PAD)
-        rank_mask = rank_index < rank
         length = height * width
         row_width = rank + 2 * n_state
+        slice_index = tl.arange(0, SLICE)
         # this program's partial x_dbl row gradients: (B, channel blocks, L, 4, R + 2N)
         partial_rows = (sample * tl.num_programs(1) + tl.program_id(1)) * length
         for route in range(4):
-            W, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
-                                              rank_index, rank_mask, state, state_mask, dim, rank, n_state)
-            W_t = tl.trans(W)
+            w_rows, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
+                                                   state, state_mask, dim, rank, n_state)
             checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
                                + channel[:, None])
+            route_rows = sample * 4 * dim + route * dim + channel  # (sample, route, channel) of the partial sums
             # the adjoint of the first step of the chunk to the right (zero after the route's last step)
             adjoint_after = tl.zeros((BLOCK, N_PAD), tl.float32)
             dA = tl.zeros((BLOCK, N_PAD), tl.float32)
-            dW = tl.zeros((BLOCK, R_PAD), tl.float32)
             dD = tl.zeros((BLOCK,), tl.float32)
             dbias = tl.zeros((BLOCK,), tl.float32)
             for reversed_chunk in range(num_chunks):
@@ -249,8 +257,7 @@ if triton is not None:
                 x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
                 entries = x_dbl_ptr + (rows * 4 + route) * row_width
-                rank_rows = _row_values(entries, 0, rank_index, rank_mask, step_mask)
-                dt, pre_activation = _dt(W, bias, rank_rows, mask)
+                dt, pre_activation = _dt(w_rows, entries, bias, channel_mask, step_mask, rank, SLICE)
                 B = _row_values(entries, rank, state, state_mask, step_mask)
                 inputs = (dt * x)[:, None, :] * B[None, :, :]
                 entering = tl.load(checkpoint_rows + chunk * n_state * dim, mask=channel_state_mask, other=0.0)
@@ -266,9 +273,8 @@ if triton is not None:
                                      back_mask)
                 next_position, next_mask = _route_positions(route, back + 1, height, width)
                 next_rows = sample * length + next_position
-                dt_next, _ = _dt(W, bias, _row_values(x_dbl_ptr + (next_rows * 4 + route) * row_width, 0, rank_index,
-                                                      rank_mask, next_mask),
-                                 channel_mask[:, None] & next_mask[None, :])
+                dt_next, _ = _dt(w_rows, x_dbl_ptr + (next_rows * 4 + route) * row_width, bias, channel_mask, next_mask,
+                                 rank, SLICE)
                 adjoints_back = _chunk_states(tl.exp(dt_next[:, None, :] * A[:, :, None]),
                                               dy_back[:, None, :] * C_back[None, :, :], adjoint_after)
                 adjoint_after = _last_step(adjoints_back)
@@ -282,13 +288,23 @@ if triton is not None:
                 ddt = tl.where(mask, ddt, 0.0)  # gradient of dt's pre-activation
                 dbias += tl.sum(ddt, axis=1)
                 dD += tl.sum(dy * x, axis=1)
-                dW += tl.dot(ddt, tl.trans(rank_rows), input_precision="ieee")
 
                 d_entries = d_rows_ptr + ((partial_rows + position) * 4 + route) * row_width
                 d_row_type = d_rows_ptr.dtype.element_ty
-                tl.store(d_entries[None, :] + rank_index[:, None],
-                         tl.dot(W_t, ddt, input_precision="ieee").to(d_row_type),
-                         mask=rank_mask[:, None] & step_mask[None, :])
+                # the dt projection's gradients, SLICE ranks at a time: x_dbl's rank values (W_dt^T ddt) and W_dt
+                # (ddt r^T, added to the program's partial sum over the chunks)
+                for first in range(0, rank, SLICE):
+                    index = first + slice_index
+                    index_mask = index < rank
+                    w_mask = channel_mask[:, None] & index_mask[None, :]
+                    W = tl.load(w_rows[:, None] + index[None, :], mask=w_mask, other=0.0)
+                    tl.store(d_entries[None, :] + index[:, None],
+                             tl.dot(tl.trans(W), ddt, input_precision="ieee").to(d_row_type),
+                             mask=index_mask[:, None] & step_mask[None, :])
+                    rank_values = _row_values(entries, first, slice_index, index_mask, step_mask)
+                    dw_partial = dw_ptr + route_rows[:, None] * rank + index[None, :]
+                    dW = tl.load(dw_partial, mask=w_mask & (reversed_chunk > 0), other=0.0)
+                    tl.store(dw_partial, tl.dot(ddt, tl.trans(rank_values), dW, input_precision="ieee"), mask=w_mask)
                 state_step_mask = state_mask[:, None] & step_mask[None, :]
                 tl.store(d_entries[None, :] + rank + state[:, None],
                          tl.sum(adjoints * (dt * x)[:, None, :], axis=0).to(d_row_type), mask=state_step_mask)
@@ -300,10 +316,8 @@ if triton is not None:
                 dx += tl.load(dx_sum_ptr + offsets, mask=mask & (route > 0), other=0.0)
                 tl.store(dx_sum_ptr + offsets, dx, mask=mask & (route < 3))
                 tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask & (route == 3))
-            route_rows = sample * 4 * dim + route * dim + channel  # (sample, route, channel) of the partial sums
+                tl.debug_barrier()  # the next chunk adds to the W_dt partial sums other threads may have stored
             tl.store(dA_log_ptr + route_rows[:, None] * n_state + state[None, :], dA * A, mask=channel_state_mask)
-            tl.store(dw_ptr + route_rows[:, None] * rank + rank_index[None, :], dW,
-                     mask=channel_mask[:, None] & rank_mask[None, :])
             tl.store(dbias_ptr + route_rows, dbias, mask=channel_mask)
             tl.store(dDs_ptr + route_rows, dD, mask=channel_mask)
             tl.debug_barrier()  # the next route reads dx where other threads of the program wrote it
@@ -315,8 +329,8 @@ def _sizes(x, dt_weight, A_log):
     rank, d_state = dt_weight.shape[2], A_log.shape[1]
     num_chunks = -(-height * width // chunk_steps(d_state))
     block = min(BLOCK_D, max(MIN_BLOCK_D, _next_power_of_2(dim)))
-    constants = dict(BLOCK=block, R_PAD=max(16, _next_power_of_2(rank)), N_PAD=_next_power_of_2(d_state),
-                     CHUNK_STEPS=chunk_steps(d_state))
+    constants = dict(BLOCK=block, N_PAD=_next_power_of_2(d_state), CHUNK_STEPS=chunk_steps(d_state),
+                     SLICE=RANK_SLICE)
     return (batch, triton.cdiv(dim, block)), (height, width, dim, rank, d_state, num_chunks), constants
 
 
