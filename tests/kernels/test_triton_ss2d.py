@@ -4,7 +4,11 @@ CUDA kernels to. Here the Triton interpreter runs the kernels on CPU tensors (TR
 the variable must be set before triton is imported); the tests marked cuda compile them for a GPU and compare them
 with the CUDA extension at VMamba-T's stage shapes and a detection-size map."""
 
+import os
 import pathlib
+import re
+import subprocess
+import tempfile
 import textwrap
 import zlib
 
@@ -146,6 +150,47 @@ def test_chunks_and_limits():
     assert [triton_ss2d.chunk_steps(n) for n in (1, 2, 3, 4, 16)] == [32, 32, 16, 16, 8]
     assert triton_ss2d.checkpoint_shape((2, 5, 7, 13), 1) == (2, 4, 2, 1, 13)
     assert triton_ss2d.MAX_RANK == ss2d.MAX_RANK
+
+
+def compiled_for_sm90(kernel, pointers, constants, num_warps):
+    """Resource usage ("REG:n STACK:n ...") of `kernel` compiled by Triton for an H100 (sm_90), without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("triton's NVIDIA backend (ptxas, cuobjdump) is not installed")
+    sizes = {name: "i32" for name in ("height", "width", "dim", "rank", "n_state", "num_chunks")}
+    signature = dict(pointers, **sizes, **{name: "constexpr" for name in constants})
+    source = ASTSource(kernel, signature, constexprs={(kernel.arg_names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
+    with tempfile.TemporaryDirectory() as directory:
+        cubin = os.path.join(directory, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([str(cuobjdump), "-res-usage", cubin], capture_output=True, text=True, check=True)
+    return re.search(r"REG:\d+ STACK:(\d+)", usage.stdout)
+
+
+@pytest.mark.parametrize("d_state", [1, 16])
+def test_kernels_compile_for_sm90_without_spills(d_state):
+    """The interpreter does not lower the kernels: compile them for an H100 (Triton's own ptxas, no GPU needed) at
+    VMamba-T's shapes (fp16 x, 32-channel blocks) and check that neither spills registers to local memory (docs/
+    kernels.md: the rank slices and the chunk length are chosen for that)."""
+    pytest.importorskip("triton")
+    constants = dict(BLOCK=triton_ss2d.BLOCK_D, N_PAD=d_state, CHUNK_STEPS=triton_ss2d.chunk_steps(d_state),
+                     SLICE=triton_ss2d.RANK_SLICE)
+    fp32 = ("w_ptr", "bias_ptr", "A_log_ptr", "Ds_ptr")
+    forward = dict(x_ptr="*fp16", x_dbl_ptr="*fp16", **{name: "*fp32" for name in fp32 + ("y_ptr", "checkpoint_ptr")})
+    backward = dict(dy_ptr="*fp32", x_ptr="*fp16", x_dbl_ptr="*fp16", dx_ptr="*fp16",
+                    **{name: "*fp32" for name in fp32 + ("checkpoint_ptr", "dx_sum_ptr", "d_rows_ptr", "dw_ptr",
+                                                         "dbias_ptr", "dA_log_ptr", "dDs_ptr")})
+    for kernel, pointers, warps in ((triton_ss2d._ss2d_fwd_kernel, forward, triton_ss2d.FORWARD_WARPS),
+                                    (triton_ss2d._ss2d_bwd_kernel, backward, triton_ss2d.BACKWARD_WARPS)):
+        usage = compiled_for_sm90(kernel, {name: pointers[name] for name in kernel.arg_names if name in pointers},
+                                  constants, warps)
+        assert usage is not None and usage.group(1) == "0", (kernel.fn.__name__, usage and usage.group(0))
 
 
 def test_registration_refused_where_the_extension_has_cuda_kernels():
