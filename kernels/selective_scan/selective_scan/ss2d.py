@@ -339,7 +339,8 @@ def _check_args(x, x_proj_weight, dt_projs_weight, dt_projs_bias, A_logs, Ds, ro
 def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x: Optional[Tensor] = None
                              ) -> Optional[str]:
     """None when the fused ops take a call with these parameters (and, if given, this input), else why not.
-    Without x the answer holds for every device (the CUDA kernels' limits); a CPU x takes any d_state and rank."""
+    Without x the answer holds for every device (the CUDA kernels' limits); a CPU x takes any d_state and rank, a
+    CUDA x with the Triton kernels registered d_state up to triton_ss2d.MAX_D_STATE."""
     if routes != "cross2d":
         return f"the fused kernels walk the cross2d routes, not {routes!r}"
     if x is not None and x.is_cuda and _triton_is_cuda_kernel:
