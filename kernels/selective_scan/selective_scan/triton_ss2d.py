@@ -17,16 +17,18 @@ exp(sum dt A) over thousands of steps).
 Merging the routes. The program that owns a channel block owns all four routes of it, so it is the only writer of
 those channels of y: route 0 stores y, routes 1-3 load, add and store, with a block barrier between routes. Each
 element is therefore the same fp32 sum in the same order on every run (deterministic, no atomics), and y is written
-once per route without a zero-filled buffer or per-route copies to sum afterwards.
+once per route without a zero-filled buffer or per-route copies to sum afterwards. Where that grid (batch x channel
+blocks) has fewer programs than the GPU has SMs, each program walks one route instead, into its own fp32 map, and
+the host sums the four maps: four times the programs for small batches, still deterministic.
 
 Backward. Per route, the program walks its chunks from the last, recomputes the chunk's states from the state the
 forward saved at the chunk's start (checkpoints (B, 4, chunks, N, D) fp32), and runs the adjoint recurrence as a
 second associative scan over tiles loaded in reversed step order, flipped back (`tl.associative_scan(...,
 reverse=True)` is wrong for non-commutative combines on GPUs, triton issue #4362). From the gradient of dt's
 pre-activation it forms, in-kernel, the gradient of the x_dbl rank values (W_dt^T ddt) and of W_dt (ddt r^T, summed
-over the chunks), again a slice of ranks per `tl.dot`. dx gathers its four routes like y (an fp32 sum; the last route writes x's dtype).
-Sums over channels (the x_dbl row gradients) are written per channel block, sums over positions (W_dt, dt bias,
-A_log, D) per sample; the host adds the partials, so results do not depend on scheduling.
+over the chunks), again a slice of ranks per `tl.dot`. dx gathers its routes like y (an fp32 sum; the last route
+writes x's dtype). Sums over channels (the x_dbl row gradients) are written per channel block, sums over positions
+(W_dt, dt bias, A_log, D) per sample; the host adds the partials, so results do not depend on scheduling.
 
 Everything accumulates in fp32 whatever the input dtype; y is fp32, gradients take their input's dtype.
 
@@ -35,6 +37,8 @@ imported): that is how the tests check them on machines without a GPU.
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -183,6 +187,7 @@ if triton is not None:
         x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, y_ptr, checkpoint_ptr,
         height, width, dim, rank, n_state, num_chunks,
         BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
+        ROUTES: tl.constexpr,
     ):
         sample = tl.program_id(0).to(tl.int64)
         channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -192,7 +197,10 @@ if triton is not None:
         channel_state_mask = channel_mask[:, None] & state_mask[None, :]
         length = height * width
         row_width = rank + 2 * n_state
-        for route in range(4):
+        # the program walks ROUTES routes and adds them into the y map of its group of routes
+        y_ptr += tl.program_id(2).to(tl.int64) * tl.num_programs(0) * length * dim
+        for routes_walked in range(ROUTES):
+            route = tl.program_id(2) * ROUTES + routes_walked
             w_rows, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
                                                    state, state_mask, dim, rank, n_state)
             checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
@@ -212,8 +220,8 @@ if triton is not None:
                 C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
                 states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), (dt * x)[:, None, :] * B[None, :, :], h)
                 y = tl.sum(states * C[None, :, :], axis=1) + D[:, None] * x
-                # route 0 writes y, the later routes add to it (the module docstring says why this is safe)
-                y += tl.load(y_ptr + offsets, mask=mask & (route > 0), other=0.0)
+                # the first route writes y, the later ones add to it (the module docstring says why this is safe)
+                y += tl.load(y_ptr + offsets, mask=mask & (routes_walked > 0), other=0.0)
                 tl.store(y_ptr + offsets, y, mask=mask)
                 h = _last_step(states)
             tl.debug_barrier()  # the next route reads y where other threads of the program wrote it
@@ -224,6 +232,7 @@ if triton is not None:
         dx_sum_ptr, dx_ptr, d_rows_ptr, dw_ptr, dbias_ptr, dA_log_ptr, dDs_ptr,
         height, width, dim, rank, n_state, num_chunks,
         BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
+        ROUTES: tl.constexpr,
     ):
         sample = tl.program_id(0).to(tl.int64)
         channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -236,7 +245,12 @@ if triton is not None:
         slice_index = tl.arange(0, SLICE)
         # this program's partial x_dbl row gradients: (B, channel blocks, L, 4, R + 2N)
         partial_rows = (sample * tl.num_programs(1) + tl.program_id(1)) * length
-        for route in range(4):
+        # the program walks ROUTES routes and adds them into the dx map of its group of routes
+        group_map = tl.program_id(2).to(tl.int64) * tl.num_programs(0) * length * dim
+        dx_sum_ptr += group_map
+        dx_ptr += group_map
+        for routes_walked in range(ROUTES):
+            route = tl.program_id(2) * ROUTES + routes_walked
             w_rows, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
                                                    state, state_mask, dim, rank, n_state)
             checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
@@ -284,8 +298,8 @@ if triton is not None:
                 through_decay = adjoints * (states - inputs)
                 dA += tl.sum(through_decay * dt[:, None, :], axis=2)
                 adjoint_dtu = tl.sum(adjoints * B[None, :, :], axis=1)  # dL/d(dt x)
-                ddt = (tl.sum(through_decay * A[:, :, None], axis=1) + adjoint_dtu * x) * _softplus_slope(pre_activation)
-                ddt = tl.where(mask, ddt, 0.0)  # gradient of dt's pre-activation
+                ddt = tl.sum(through_decay * A[:, :, None], axis=1) + adjoint_dtu * x
+                ddt = tl.where(mask, ddt * _softplus_slope(pre_activation), 0.0)  # gradient of dt's pre-activation
                 dbias += tl.sum(ddt, axis=1)
                 dD += tl.sum(dy * x, axis=1)
 
@@ -311,11 +325,11 @@ if triton is not None:
                 tl.store(d_entries[None, :] + rank + n_state + state[:, None],
                          tl.sum(states * dy[:, None, :], axis=0).to(d_row_type), mask=state_step_mask)
 
-                # dx gathers the four routes like y in the forward; the last route writes x's dtype
+                # dx gathers the routes like y in the forward; the last one writes dx's dtype
                 dx = adjoint_dtu * dt + dy * D[:, None]
-                dx += tl.load(dx_sum_ptr + offsets, mask=mask & (route > 0), other=0.0)
-                tl.store(dx_sum_ptr + offsets, dx, mask=mask & (route < 3))
-                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask & (route == 3))
+                dx += tl.load(dx_sum_ptr + offsets, mask=mask & (routes_walked > 0), other=0.0)
+                tl.store(dx_sum_ptr + offsets, dx, mask=mask & (routes_walked < ROUTES - 1))
+                tl.store(dx_ptr + offsets, dx.to(dx_ptr.dtype.element_ty), mask=mask & (routes_walked == ROUTES - 1))
                 tl.debug_barrier()  # the next chunk adds to the W_dt partial sums other threads may have stored
             tl.store(dA_log_ptr + route_rows[:, None] * n_state + state[None, :], dA * A, mask=channel_state_mask)
             tl.store(dbias_ptr + route_rows, dbias, mask=channel_mask)
@@ -323,39 +337,55 @@ if triton is not None:
             tl.debug_barrier()  # the next route reads dx where other threads of the program wrote it
 
 
-def _sizes(x, dt_weight, A_log):
-    """The grid, the kernels' size arguments and their constexpr sizes for a call."""
+def routes_per_program(x, channel_blocks: int) -> int:
+    """4 (a program walks all four routes of its channel block into one output map) unless that grid has fewer
+    programs than the GPU has SMs; then 1: four times the programs, each route into its own fp32 map, the four maps
+    summed after (more memory traffic, but no idle SMs at small batches)."""
+    sm_count = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
+    return K if x.shape[0] * channel_blocks >= sm_count else 1
+
+
+def _launch_sizes(x, dt_weight, A_log, routes):
+    """The grid, the kernels' size arguments and their constexpr sizes for a call walking `routes` routes per
+    program (None: routes_per_program)."""
     batch, height, width, dim = x.shape
     rank, d_state = dt_weight.shape[2], A_log.shape[1]
     num_chunks = -(-height * width // chunk_steps(d_state))
     block = min(BLOCK_D, max(MIN_BLOCK_D, _next_power_of_2(dim)))
+    blocks = triton.cdiv(dim, block)
+    routes = routes or routes_per_program(x, blocks)
+    if routes not in (1, K):
+        raise ValueError(f"selective_scan_ss2d (triton): a program walks 1 or 4 routes, not {routes}")
     constants = dict(BLOCK=block, N_PAD=_next_power_of_2(d_state), CHUNK_STEPS=chunk_steps(d_state),
-                     SLICE=RANK_SLICE)
-    return (batch, triton.cdiv(dim, block)), (height, width, dim, rank, d_state, num_chunks), constants
+                     SLICE=RANK_SLICE, ROUTES=routes)
+    return (batch, blocks, K // routes), (height, width, dim, rank, d_state, num_chunks), constants
 
 
-def forward(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
+def forward(x, x_dbl, dt_weight, dt_bias, A_log, Ds, routes: Optional[int] = None):
     """(y, checkpoints) as the op `selective_scan_ss2d::fwd` returns them: the merged y (B, H, W, D) fp32 and the
-    states entering each chunk of each route, (B, 4, chunks, N, D) fp32 (checkpoint_shape)."""
+    states entering each chunk of each route, (B, 4, chunks, N, D) fp32 (checkpoint_shape). routes: routes a program
+    walks, 4 or 1 (None: routes_per_program; the results agree to fp32 rounding)."""
     check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
     x, x_dbl, dt_weight, dt_bias, A_log, Ds = (t.contiguous() for t in (x, x_dbl, dt_weight, dt_bias, A_log, Ds))
-    y = x.new_empty(x.shape, dtype=torch.float32)
     checkpoints = x.new_empty(checkpoint_shape(x.shape, A_log.shape[1]), dtype=torch.float32)
-    if y.numel() == 0:
-        return y, checkpoints
-    grid, sizes, constants = _sizes(x, dt_weight, A_log)
+    if x.numel() == 0:
+        return x.new_empty(x.shape, dtype=torch.float32), checkpoints
+    grid, sizes, constants = _launch_sizes(x, dt_weight, A_log, routes)
+    y = x.new_empty((grid[2],) + x.shape, dtype=torch.float32)  # one map per group of routes
     with triton_scan._launch_context(x):
         _ss2d_fwd_kernel[grid](x, x_dbl, dt_weight, dt_bias, A_log, Ds, y, checkpoints, *sizes, **constants,
                                num_warps=FORWARD_WARPS)
-    return y, checkpoints
+    return y[0] if grid[2] == 1 else y.sum(0), checkpoints
 
 
-def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints):
+def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints, routes: Optional[int] = None):
     """(dx, dx_dbl, d dt_weight, d dt_bias, dA_log, dDs) as the op `selective_scan_ss2d::bwd` returns them, from
-    `forward`'s checkpoints; dx and dx_dbl in their inputs' dtypes, the parameters' gradients fp32."""
+    `forward`'s checkpoints; dx and dx_dbl in their inputs' dtypes, the parameters' gradients fp32. routes: as
+    `forward` takes it (the two need not agree)."""
     check_supported(x, x_dbl, dt_weight, dt_bias, A_log, Ds)
     if tuple(dy.shape) != tuple(x.shape):
-        raise ValueError(f"selective_scan_ss2d (triton): `dy` must have shape {_shape(x.shape)}, got {_shape(dy.shape)}")
+        raise ValueError(f"selective_scan_ss2d (triton): `dy` must have shape {_shape(x.shape)}, "
+                         f"got {_shape(dy.shape)}")
     expected = checkpoint_shape(x.shape, A_log.shape[1])
     if tuple(checkpoints.shape) != expected:
         raise ValueError(f"selective_scan_ss2d (triton): `ckpt` has shape {_shape(checkpoints.shape)}; the Triton "
@@ -364,10 +394,13 @@ def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints):
         t.contiguous() for t in (dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints))
     if x.numel() == 0:
         return tuple(torch.zeros_like(t) for t in (x, x_dbl, dt_weight, dt_bias, A_log, Ds))
-    grid, sizes, constants = _sizes(x, dt_weight, A_log)
-    batch, blocks = grid
-    dx = torch.empty_like(x)
-    dx_sum = dx if x.dtype == torch.float32 else torch.empty_like(x, dtype=torch.float32)
+    grid, sizes, constants = _launch_sizes(x, dt_weight, A_log, routes)
+    batch, blocks, groups = grid
+    if groups == 1:
+        dx = torch.empty_like(x)
+        dx_sum = dx if x.dtype == torch.float32 else torch.empty_like(x, dtype=torch.float32)
+    else:  # one fp32 map per route, summed below
+        dx = dx_sum = x.new_empty((groups,) + x.shape, dtype=torch.float32)
     # x_dbl row gradients are sums over channels: one partial per channel block, in x_dbl's dtype when there is one
     d_rows = x_dbl.new_empty((batch, blocks) + x_dbl.shape[1:],
                              dtype=x_dbl.dtype if blocks == 1 else torch.float32)
@@ -380,4 +413,6 @@ def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints):
                                dx_sum, dx, d_rows, dw, dbias, dA_log, dDs, *sizes, **constants,
                                num_warps=BACKWARD_WARPS)
     dx_dbl = d_rows.squeeze(1) if blocks == 1 else d_rows.sum(1).to(x_dbl.dtype)
+    if groups > 1:
+        dx = dx.sum(0).to(x.dtype)
     return dx, dx_dbl, dw.sum(0), dbias.sum(0), dA_log.sum(0), dDs.sum(0)
