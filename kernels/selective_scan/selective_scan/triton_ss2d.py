@@ -58,8 +58,8 @@ __all__ = ["BLOCK_D", "MAX_D_STATE", "MAX_RANK", "available", "check_supported",
 BLOCK_D = 32
 MIN_BLOCK_D = 16
 # Elements of one (channels, states, steps) tile: sets the chunk length for a given number of states, between
-# MIN_CHUNK (the narrowest fp32 `tl.dot`) and MAX_CHUNK: compiled for sm_90, the backward spills 360 bytes per thread
-# with 64-step chunks and none with 32 (ptxas resource usage, Triton 3.8).
+# MIN_CHUNK (the narrowest fp32 `tl.dot`) and MAX_CHUNK: compiled for sm_90, the backward spills about 370 bytes per
+# thread with 64-step chunks and none with 32 (ptxas resource usage, Triton 3.8).
 TILE_ELEMENTS = 2048
 MIN_CHUNK = 8
 MAX_CHUNK = 32
