@@ -50,8 +50,8 @@ try:
 except ImportError:  # CPU-only torch builds ship without triton
     triton = None
 
-__all__ = ["BLOCK_D", "MAX_D_STATE", "MAX_RANK", "available", "check_supported", "chunk_steps", "checkpoint_shape",
-           "forward", "backward"]
+__all__ = ["BLOCK_D", "RANK_SLICE", "MAX_D_STATE", "MAX_RANK", "available", "check_supported", "chunk_steps",
+           "checkpoint_shape", "routes_per_program", "forward", "backward"]
 
 # Channels per program: BLOCK_D, or 16 for maps of at most 16 channels (not less: the dt `tl.dot`s contract over the
 # block's channels).
