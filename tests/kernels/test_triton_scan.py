@@ -4,7 +4,6 @@ reference test). Here the Triton interpreter runs the kernels on CPU tensors (TR
 the variable must be set before triton is imported); the tests marked cuda compile them for a GPU and compare them
 with the CUDA extension at VMamba-T's stage shapes."""
 
-import pathlib
 import textwrap
 import zlib
 
@@ -151,25 +150,13 @@ def check_errors_and_empty_inputs():
     print("errors and empty inputs checked")
 
 
-def _calling(function):
-    """Source for the interpreted subprocess: loads this file as a module and calls `function` from it."""
-    return textwrap.dedent(f"""
-        import importlib.util, sys
-        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})  # test_selective_scan_cuda
-        spec = importlib.util.spec_from_file_location("triton_scan_tests", {__file__!r})
-        tests = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(tests)
-        tests.{function}
-    """)
-
-
-def test_interpreted_kernels_match_float64_reference(triton_interpreted):
-    out = triton_interpreted(_calling('check_cases("cpu")'))
+def test_interpreted_kernels_match_float64_reference(triton_interpreted_call):
+    out = triton_interpreted_call('check_cases("cpu")')
     assert out.split("\n")[:-1] == [f"checked {name}" for name in CASES]
 
 
-def test_interpreted_errors_and_empty_inputs(triton_interpreted):
-    assert "errors and empty inputs checked" in triton_interpreted(_calling("check_errors_and_empty_inputs()"))
+def test_interpreted_errors_and_empty_inputs(triton_interpreted_call):
+    assert "errors and empty inputs checked" in triton_interpreted_call("check_errors_and_empty_inputs()")
 
 
 def test_cpu_tensors_need_the_interpreter(monkeypatch):

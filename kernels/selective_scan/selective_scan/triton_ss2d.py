@@ -75,9 +75,7 @@ K = 4
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def available() -> bool:
-    """Whether triton is importable."""
-    return triton is not None
+available = triton_scan.available  # whether triton is importable
 
 
 def chunk_steps(d_state: int) -> int:
