@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Callable, Iterable, List, NamedTuple, Optional, Sequence
 
@@ -283,3 +284,14 @@ def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]):
         writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+
+
+def timed_call(run: Callable[[], object], device: torch.device) -> float:
+    """Wall seconds of one call of `run`, waited for: on CUDA the device is synchronised before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start

@@ -26,7 +26,6 @@ is specialised to one size.
 import argparse
 import math
 import statistics
-import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -34,7 +33,7 @@ import torch
 import torch.nn as nn
 
 from analyze.common import AnalyzeError, IMAGENET_MEAN, IMAGENET_STD, ModelSpec, model_specs, prepare_model, \
-    run_cli
+    run_cli, timed_call
 
 FORMATS = ("onnx", "torch-export", "aoti")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -171,15 +170,7 @@ def latency_ms(run: Callable[[], object], device: torch.device, warmup: int, ite
     """Median wall time of one call, in ms (CUDA synchronised around each call)."""
     for _ in range(warmup):
         run()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
+    times = [timed_call(run, device) for _ in range(iters)]
     return statistics.median(times) * 1000 if times else math.nan
 
 

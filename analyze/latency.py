@@ -12,13 +12,12 @@ Writes latency.csv under --out.
 import argparse
 import math
 import statistics
-import time
 from typing import List, Optional, Sequence
 
 import torch
 
 from analyze.common import (ModelSpec, add_common_args, format_table, model_specs, prepare_model, prepare_out_dir,
-                            report_outputs, resolve_device, run_cli, write_csv)
+                            report_outputs, resolve_device, run_cli, timed_call, write_csv)
 
 COLUMNS = ["model", "img_size", "threads", "median_ms", "p90_ms"]
 
@@ -35,22 +34,13 @@ def measure(specs: Sequence[ModelSpec], img_size: int, device: torch.device, war
     models = [(spec.label, prepare_model(spec, device, num_classes=num_classes, img_size=img_size)) for spec in specs]
     image = torch.randn(1, 3, img_size, img_size, device=device)
     times = {label: [] for label, _ in models}
-
-    def synchronize():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     with torch.no_grad():
         for _ in range(warmup):
             for _, model in models:
                 model(image)
         for _ in range(iters):
             for label, model in models:
-                synchronize()
-                start = time.perf_counter()
-                model(image)
-                synchronize()
-                times[label].append((time.perf_counter() - start) * 1e3)
+                times[label].append(timed_call(lambda: model(image), device) * 1e3)
     threads = torch.get_num_threads() if device.type == "cpu" else math.nan
     return [dict(model=label, img_size=img_size, threads=threads, median_ms=statistics.median(values),
                  p90_ms=_p90(values)) for label, values in times.items()]

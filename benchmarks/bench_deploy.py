@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from analyze.common import ModelSpec, format_table, prepare_model
+from analyze.common import ModelSpec, format_table, prepare_model, timed_call
 from analyze.export import EXPORTERS, FORMATS, capture, load_runner, sample_images
 
 MODELS = ("vmamba_tiny_s1l8", "swin_tiny_patch4_window7_224")
@@ -92,14 +92,7 @@ def main(argv=None):
         for _ in range(args.rounds):
             for key, (run, _) in runners.items():
                 run()
-                for _ in range(args.iters):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    start = time.perf_counter()
-                    run()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)
-                    times[key].append(time.perf_counter() - start)
+                times[key] += [timed_call(run, device) for _ in range(args.iters)]
     table = [dict(model=name, runtime=runtime, median_ms=statistics.median(values) * 1000,
                   min_ms=min(values) * 1000)
              for (name, runtime), values in times.items()]

@@ -85,6 +85,7 @@ def dispatcher_ops_loaded(namespace: str) -> bool:
 
 
 _PYTHON_LIBRARIES = []  # the libraries defined here must stay alive
+_TRITON_CUDA_NAMESPACES = set()  # op families whose CUDA kernels are Triton ones (impl_triton_cuda)
 
 
 def define_ops(namespace: str, schemas: Sequence[str]) -> None:
@@ -96,6 +97,17 @@ def define_ops(namespace: str, schemas: Sequence[str]) -> None:
     for schema in schemas:
         library.define(schema)
     _PYTHON_LIBRARIES.append(library)
+
+
+def impl_triton_cuda(namespace: str, forward, backward) -> None:
+    """Registers Triton `forward` / `backward` as the CUDA kernels of ``namespace::fwd`` / ``::bwd`` (once)."""
+    if namespace in _TRITON_CUDA_NAMESPACES:
+        return
+    library = torch.library.Library(namespace, "IMPL")
+    library.impl("fwd", forward, "CUDA")
+    library.impl("bwd", backward, "CUDA")
+    _PYTHON_LIBRARIES.append(library)
+    _TRITON_CUDA_NAMESPACES.add(namespace)
 
 
 def build_info() -> str:
@@ -124,36 +136,26 @@ define_ops("selective_scan", [
 ])
 
 
-_triton_is_cuda_kernel = False
-
-
 def register_triton_cuda_kernels() -> None:
     """Registers the Triton scan as the CUDA kernel of `selective_scan::fwd` / `::bwd`, where the extension has no
     CUDA kernels (it refuses to replace them); CUDA tensors then take it by default."""
-    global _triton_is_cuda_kernel
     if _HAS_CUDA:
         raise RuntimeError("selective_scan: the extension registers its CUDA kernels; the Triton scan does not "
                            "replace them (use backend='triton' to run it)")
     if not triton_scan.available():
         raise RuntimeError("selective_scan: the Triton scan needs triton, which is not installed")
-    if _triton_is_cuda_kernel:
-        return
-    library = torch.library.Library("selective_scan", "IMPL")
-    library.impl("fwd", triton_scan.forward, "CUDA")
-    library.impl("bwd", triton_scan.backward, "CUDA")
-    _PYTHON_LIBRARIES.append(library)
-    _triton_is_cuda_kernel = True
+    impl_triton_cuda("selective_scan", triton_scan.forward, triton_scan.backward)
 
 
-def triton_is_cuda_kernel() -> bool:
-    """Whether the ops' CUDA kernel is the Triton scan (register_triton_cuda_kernels)."""
-    return _triton_is_cuda_kernel
+def triton_is_cuda_kernel(namespace: str = "selective_scan") -> bool:
+    """Whether the CUDA kernels of `namespace`'s ops (default: the scan's) are Triton ones."""
+    return namespace in _TRITON_CUDA_NAMESPACES
 
 
-def kernel_runs_on(device: torch.device) -> bool:
-    """Whether the scan ops run a kernel (not the PyTorch implementation) for tensors on `device`: the extension's,
-    or on CUDA the Triton scan once registered."""
-    return compiled_kernels_for(device) or (device.type == "cuda" and _triton_is_cuda_kernel)
+def kernel_runs_on(device: torch.device, namespace: str = "selective_scan") -> bool:
+    """Whether `namespace`'s ops (default: the scan's) run a kernel, not their PyTorch implementation, for tensors on
+    `device`: the extension's, or on CUDA the Triton one once registered."""
+    return compiled_kernels_for(device) or (device.type == "cuda" and triton_is_cuda_kernel(namespace))
 
 
 def checkpoint_steps(device: torch.device) -> int:
@@ -162,7 +164,7 @@ def checkpoint_steps(device: torch.device) -> int:
         return 0
     if device.type == "cpu":
         return CPU_CHUNK
-    return triton_scan.CHUNK if _triton_is_cuda_kernel else CUDA_TILE
+    return triton_scan.CHUNK if triton_is_cuda_kernel() else CUDA_TILE
 
 
 def _compute_dtype(*tensors) -> torch.dtype:
@@ -280,7 +282,7 @@ def _resolve_backend(backend: Optional[str], u: Tensor, n_state: int) -> str:
         return "torch" if kernel_runs_on(u.device) else "op"
     if backend == "triton":
         triton_scan.check_supported(u, n_state, "selective_scan: `backend`='triton'")
-        return "op" if u.is_cuda and _triton_is_cuda_kernel else "triton"
+        return "op" if u.is_cuda and triton_is_cuda_kernel() else "triton"
     if backend not in ("cuda", "cpu"):
         raise ValueError(f"selective_scan: `backend` must be None, 'cuda', 'cpu', 'triton' or 'torch', got {backend!r}")
     if not (cuda_available() if backend == "cuda" else cpu_kernels_built()):
@@ -333,7 +335,7 @@ def _validate(u, delta, A, B, C, D, delta_bias, backend) -> str:
     impl = _resolve_backend(backend, u, n_state)
     if impl == "op" and u.dtype in _KERNEL_DTYPES and device.type == "cuda" and kernel_runs_on(device) \
             and n_state > CUDA_MAX_D_STATE:
-        kernel = "Triton" if _triton_is_cuda_kernel else "CUDA"
+        kernel = "Triton" if triton_is_cuda_kernel() else "CUDA"
         raise ValueError(f"selective_scan: `A` has N = {n_state} states; the {kernel} kernel supports at most "
                          f"{CUDA_MAX_D_STATE} (use backend='torch')")
     return impl

@@ -57,37 +57,28 @@ ops.define_ops("selective_scan_ss2d", [
 ])
 
 
-_triton_is_cuda_kernel = False
-
 
 def register_triton_cuda_kernels() -> None:
     """Registers the Triton kernels (triton_ss2d.py) as the CUDA kernel of `selective_scan_ss2d::fwd` / `::bwd`, where
     the extension has no CUDA kernels (it refuses to replace them); CUDA tensors then take the fused core by default.
     The unfused core's scan has its own call, ops.register_triton_cuda_kernels()."""
-    global _triton_is_cuda_kernel
     if ops.extension_built():
         raise RuntimeError("selective_scan_ss2d: the extension registers its CUDA kernels; the Triton kernels do not "
                            "replace them (use scan_routes(..., impl='triton') to run them)")
     if not triton_ss2d.available():
         raise RuntimeError("selective_scan_ss2d: the Triton kernels need triton, which is not installed")
-    if _triton_is_cuda_kernel:
-        return
-    library = torch.library.Library("selective_scan_ss2d", "IMPL")
-    library.impl("fwd", triton_ss2d.forward, "CUDA")
-    library.impl("bwd", triton_ss2d.backward, "CUDA")
-    ops._PYTHON_LIBRARIES.append(library)
-    _triton_is_cuda_kernel = True
+    ops.impl_triton_cuda("selective_scan_ss2d", triton_ss2d.forward, triton_ss2d.backward)
 
 
 def triton_is_cuda_kernel() -> bool:
     """Whether the fused ops' CUDA kernel is the Triton one (register_triton_cuda_kernels)."""
-    return _triton_is_cuda_kernel
+    return ops.triton_is_cuda_kernel("selective_scan_ss2d")
 
 
 def kernel_runs_on(device: torch.device) -> bool:
     """Whether the fused ops run a kernel (not the reference) for tensors on `device`: the extension's, or on CUDA
     the Triton one once registered."""
-    return ops.compiled_kernels_for(device) or (device.type == "cuda" and _triton_is_cuda_kernel)
+    return ops.kernel_runs_on(device, "selective_scan_ss2d")
 
 
 def checkpoint_chunk(rank: int, device: torch.device) -> int:
@@ -206,7 +197,7 @@ def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     y = x.new_empty(x.shape, dtype=torch.float32)
     if not kernel_runs_on(x.device):
         return y, x.new_empty(0, dtype=torch.float32)
-    if x.device.type == "cuda" and _triton_is_cuda_kernel:
+    if x.device.type == "cuda" and triton_is_cuda_kernel():
         return y, x.new_empty(triton_ss2d.checkpoint_shape(x.shape, A_log.shape[1]), dtype=torch.float32)
     chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2], x.device))
     if x.device.type == "cpu":
@@ -343,7 +334,7 @@ def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x
     CUDA x with the Triton kernels registered d_state up to triton_ss2d.MAX_D_STATE."""
     if routes != "cross2d":
         return f"the fused kernels walk the cross2d routes, not {routes!r}"
-    if x is not None and x.is_cuda and _triton_is_cuda_kernel:
+    if x is not None and x.is_cuda and triton_is_cuda_kernel():
         if d_state > triton_ss2d.MAX_D_STATE:
             return f"d_state is {d_state}; the fused Triton kernels support at most {triton_ss2d.MAX_D_STATE}"
         if rank > triton_ss2d.MAX_RANK:
