@@ -47,6 +47,7 @@ set -uo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 PY=${PYTHON:-python3}
+TRAIN_CONFIG=${TRAIN_CFG:-classification/configs/vssm/vmambav2v_tiny_224.yaml}
 OUT=$(mkdir -p "${OUT:-gpu_check_out}" && cd "${OUT:-gpu_check_out}" && pwd)
 PARTS=(tests kernels models scaleup train mm)
 export PYTHONUNBUFFERED=1
