@@ -1,7 +1,8 @@
 """Fused SS2D core (CUDA and Triton kernels) vs the unfused path at VMamba's four stage shapes (GPU).
 
 Shapes: batch 128, d_model 96 * 2^i, D = ssm_ratio * d_model (ssm_ratio 1, VMamba-T [s1l8]: D = 96, 192, 384,
-768; 2 for VMamba-S/B and VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48, map 56 / 2^i, d_state 1,
+768; 2 for VMamba-S/B and VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48, map 56 / 2^i, d_state 1
+(--d-state 16 with --ssm-ratio 2: Vanilla VMamba's),
 fp16 activations under autocast (the model's training setting); --image 800 1333 --batch 2 gives the maps of a
 detection-size input. Both paths are `selective_scan.ss2d.ss2d_core` on x (B, D, H, W) in channels-last storage
 (the depthwise conv's output) and return the merged fp32 map:
@@ -23,6 +24,7 @@ position, < 1 B per element at stage 1) is not counted. The card's device-to-dev
 in the same run.
 
     python benchmarks/bench_ss2d.py [--batch 128] [--stages 1 2 3 4] [--image 224 224] [--width 96] [--ssm-ratio 1]
+                                    [--d-state 1]
                                     [--cores unfused fused triton] [--json out.json]
 """
 
@@ -71,19 +73,19 @@ def core_function(core, x, params):
     return triton_core
 
 
-def unsupported_reason(core, rank, x):
+def unsupported_reason(core, rank, d_state, x):
     """Why `core` cannot run at this shape on x's device, or None."""
     if core == "fused":
-        return ss2d.fused_unsupported_reason(rank, 1, x=x)
+        return ss2d.fused_unsupported_reason(rank, d_state, x=x)
     if core == "triton" and not triton_ss2d.available():
         return "triton is not installed"
     return None
 
 
-def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96, ssm_ratio=1.0, cores=CORES):
+def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96, ssm_ratio=1.0, cores=CORES, d_state=1):
     d_model, dim, rank, height, width = stage_shape(stage, image, stage1_width, ssm_ratio)
     torch.manual_seed(stage)
-    module = SS2D(d_model=d_model, d_state=1, ssm_ratio=ssm_ratio, forward_type="v05_noz", conv_bias=False,
+    module = SS2D(d_model=d_model, d_state=d_state, ssm_ratio=ssm_ratio, forward_type="v05_noz", conv_bias=False,
                   channel_first=True).cuda()
     params = [getattr(module, name) for name in PARAMS]
     x = torch.randn(batch, dim, height, width, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
@@ -100,13 +102,14 @@ def bench_stage(stage, batch, dtype, image=(224, 224), stage1_width=96, ssm_rati
         fwd_bwd = time_gpu(lambda: torch.autograd.grad(run(), [x, *params], dy))
         return fwd, fwd_bwd
 
-    row = dict(stage=stage, batch=batch, dim=dim, length=height * width, rank=rank, dtype=str(dtype)[6:])
+    row = dict(stage=stage, batch=batch, dim=dim, length=height * width, rank=rank, d_state=d_state,
+               dtype=str(dtype)[6:])
     s = x.element_size()
     elements = batch * dim * height * width
     row["fwd_bytes_per_element"], row["fwd_bwd_bytes_per_element"] = s + 4, 8 + 3 * s
     outputs = {}
     for core in cores:
-        reason = unsupported_reason(core, rank, x)
+        reason = unsupported_reason(core, rank, d_state, x)
         if reason is not None:
             row[core] = f"unsupported: {reason}"
             continue
@@ -147,8 +150,8 @@ def ms(row, key):
 
 def print_tables(result, args):
     print(f"# {result['gpu']}; torch {result['torch']}; {result['build_info']}")
-    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state 1, "
-          f"ssm_ratio {args.ssm_ratio:g}; maps of a {args.image[0]}x{args.image[1]} input")
+    print(f"# device-to-device copy: {result['copy_tb_s']:.2f} TB/s (read + write); fp16 under autocast, d_state "
+          f"{args.d_state}, ssm_ratio {args.ssm_ratio:g}; maps of a {args.image[0]}x{args.image[1]} input")
     for core in ("fused", "triton"):
         if core not in args.cores:
             continue
@@ -185,6 +188,8 @@ def main(argv=None):
     parser.add_argument("--width", type=int, default=96, help="stage-1 width: 96 (VMamba-T/S) or 128 (VMamba-B)")
     parser.add_argument("--ssm-ratio", type=float, default=1.0,
                         help="D / d_model: 1 (VMamba-T [s1l8], the default) or 2 (VMamba-S/B)")
+    parser.add_argument("--d-state", type=int, default=1,
+                        help="SSM state size N: 1 (the v2 models, the default) or 16 (Vanilla VMamba)")
     parser.add_argument("--cores", nargs="+", choices=CORES, default=list(CORES),
                         help="SS2D cores to time (default: all; a core this installation cannot run is reported as "
                              "unsupported)")
@@ -196,7 +201,7 @@ def main(argv=None):
                   copy_tb_s=bench_scan.copy_bandwidth_tb_s(), rows=[])
     for stage in args.stages:
         result["rows"].append(bench_stage(stage, args.batch, torch.float16, tuple(args.image), args.width,
-                                          args.ssm_ratio, args.cores))
+                                          args.ssm_ratio, args.cores, args.d_state))
         torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:

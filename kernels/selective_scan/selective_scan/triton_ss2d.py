@@ -50,18 +50,21 @@ try:
 except ImportError:  # CPU-only torch builds ship without triton
     triton = None
 
-__all__ = ["BLOCK_D", "RANK_SLICE", "MAX_D_STATE", "MAX_RANK", "available", "check_supported", "chunk_steps",
+__all__ = ["BLOCK_D", "RANK_SLICE", "channel_block", "MAX_D_STATE", "MAX_RANK", "available", "check_supported", "chunk_steps",
            "checkpoint_shape", "routes_per_program", "forward", "backward"]
 
-# Channels per program: BLOCK_D, or 16 for maps of at most 16 channels (not less: the dt `tl.dot`s contract over the
-# block's channels).
+# Channels per program: BLOCK_D, or MIN_BLOCK_D for more than MAX_STATES_WIDE_BLOCK states (compiled for sm_90, the
+# backward's 32-channel tiles spill past 4 states: 56 bytes per thread at 8, 664 at 16, none with 16 channels) and for
+# maps of at most 16 channels (not less: the dt `tl.dot`s contract over the block's channels).
 BLOCK_D = 32
 MIN_BLOCK_D = 16
+MAX_STATES_WIDE_BLOCK = 4
 # Elements of one (channels, states, steps) tile: sets the chunk length for a given number of states, between
-# MIN_CHUNK (the narrowest fp32 `tl.dot`) and MAX_CHUNK: compiled for sm_90, the backward spills about 370 bytes per
-# thread with 64-step chunks and none with 32 (ptxas resource usage, Triton 3.8).
+# MIN_CHUNK and MAX_CHUNK. The W_dt gradient's `tl.dot` contracts over a chunk's steps, and Triton 3.6 refuses dots
+# that contract over fewer than 16; compiled for sm_90, the backward spills about 370 bytes per thread with 64-step
+# chunks and none with 32 (ptxas resource usage, Triton 3.8).
 TILE_ELEMENTS = 2048
-MIN_CHUNK = 8
+MIN_CHUNK = 16
 MAX_CHUNK = 32
 # dt ranks per `tl.dot` of the dt projection and its gradients (at least 8, the narrowest fp32 dot): a dot over all
 # of a wide rank at once holds its operands in registers and spills.
@@ -78,9 +81,18 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 available = triton_scan.available  # whether triton is importable
 
 
+def _widest_block(d_state: int) -> int:
+    return BLOCK_D if _next_power_of_2(d_state) <= MAX_STATES_WIDE_BLOCK else MIN_BLOCK_D
+
+
+def channel_block(dim: int, d_state: int) -> int:
+    """Channels per program for maps of `dim` channels and `d_state` states (the comment at BLOCK_D)."""
+    return min(_widest_block(d_state), max(MIN_BLOCK_D, _next_power_of_2(dim)))
+
+
 def chunk_steps(d_state: int) -> int:
     """Steps per chunk: the checkpoint interval and the steps a tile holds (32 for d_state 1)."""
-    return max(MIN_CHUNK, min(MAX_CHUNK, TILE_ELEMENTS // (BLOCK_D * _next_power_of_2(d_state))))
+    return max(MIN_CHUNK, min(MAX_CHUNK, TILE_ELEMENTS // (_widest_block(d_state) * _next_power_of_2(d_state))))
 
 
 def checkpoint_shape(x_shape, d_state: int) -> tuple:
@@ -349,7 +361,7 @@ def _launch_sizes(x, dt_weight, A_log, routes):
     batch, height, width, dim = x.shape
     rank, d_state = dt_weight.shape[2], A_log.shape[1]
     num_chunks = -(-height * width // chunk_steps(d_state))
-    block = min(BLOCK_D, max(MIN_BLOCK_D, _next_power_of_2(dim)))
+    block = channel_block(dim, d_state)
     blocks = triton.cdiv(dim, block)
     routes = routes or routes_per_program(x, blocks)
     if routes not in (1, K):
