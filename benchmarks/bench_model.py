@@ -12,9 +12,10 @@ cross-scan, batched projections, selective scan and cross-merge as separate ops)
 runs unfused only. --compile adds torch.compile(model) rows for VMamba-T. Unless --no-op, the stage-1 SS2D core
 alone follows (benchmarks/bench_ss2d.py --stages 1).
 
-The environment line gives host_us_per_op, the host (CPU) time of one tiny CUDA op (benchmarks/host_cost.py):
-where a model is launch-bound, its img/s follow the host's speed, so tables from machines with different CPUs
-compare only with that number beside them.
+The environment line names the kernels CUDA tensors run ("extension", or "triton" where the extension has no CUDA
+kernels, e.g. with SELECTIVE_SCAN_NO_EXTENSION=1) and gives host_us_per_op, the host (CPU) time of one tiny CUDA op
+(benchmarks/host_cost.py): where a model is launch-bound, its img/s follow the host's speed, so tables from
+machines with different CPUs compare only with that number beside them.
 """
 import argparse
 import json
@@ -22,6 +23,7 @@ import platform
 
 import timm
 import torch
+from selective_scan import ops
 
 from analyze.common import count_params, format_table
 from analyze.tp import MODES, time_mode
@@ -91,7 +93,7 @@ def main():
     environment = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__,
                    "timm": timm.__version__, "python": platform.python_version(), "batch_size": args.batch_size,
                    "img_size": 224, "warmup": args.warmup, "iters": args.iters, "amp_dtype": "float16",
-                   "host_us_per_op": round(tiny_op_us(device), 2)}
+                   "host_us_per_op": round(tiny_op_us(device), 2), "kernels": ops.kernel_backend("cuda")}
     print(f"\n{environment}")
     print(format_table(rows, columns))
     swin = next((r for r in rows if r["model"] == BASELINES[0] and "infer_amp_img_s" in r), None)

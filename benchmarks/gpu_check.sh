@@ -8,7 +8,8 @@
 #   tests    every `cuda`-marked test (pytest -m cuda tests)
 #   kernels  benchmarks/bench_scan.py; benchmarks/bench_ss2d.py at the 224 px stage shapes (ssm_ratio 1, then
 #            stage 1 at ssm_ratio 2) and at the maps of a detection-size input (batch 2, 800x1333)
-#   models   benchmarks/bench_model.py (224 px, batch 128), then benchmarks/host_cost.py
+#   models   benchmarks/bench_model.py (224 px, batch 128), again for VMamba-T/S and Vanilla-T with
+#            SELECTIVE_SCAN_NO_EXTENSION=1 (the Triton kernels), then benchmarks/host_cost.py
 #   scaleup  analyze/tp.py: VMamba-T, Swin-T and ConvNeXt-T at batch 32, 224..1024 px (CSV and scaleup.png)
 #   train    classification/main.py with VMamba-T's full recipe on generated ImageFolder data (img/s, fp16
 #            stability: non-finite losses, skipped updates). With TRAIN_GPUS=N > 1 also the N-GPU torchrun run
@@ -111,6 +112,9 @@ part_kernels() {
 part_models() {
   local dir=$OUT/models status=0
   step "$dir/bench_model.log" "$PY" benchmarks/bench_model.py --no-op --json "$dir/bench_model.json" || status=1
+  # the same VMamba models without the extension: the Triton kernels (what an installation without nvcc runs)
+  SELECTIVE_SCAN_NO_EXTENSION=1 step "$dir/bench_model_triton.log" "$PY" benchmarks/bench_model.py --no-op \
+    --models vmamba_tiny_s1l8 vmamba_small_s2l15 vanilla_vmamba_tiny --json "$dir/bench_model_triton.json" || status=1
   step "$dir/host_cost.log" "$PY" benchmarks/host_cost.py || status=1
   return $status
 }

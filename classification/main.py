@@ -13,6 +13,7 @@ import os
 import sys
 import time
 
+import selective_scan
 import torch
 import torch.distributed as dist
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
@@ -384,6 +385,7 @@ def main(argv=None):
     logger.info(f"rank {rank}/{world_size}, local rank {local_rank}, pid {os.getpid()}, device {device}, "
                 f"{'process group ' + dist.get_backend() if is_distributed() else 'no process group'}")
     logger.info(describe_precision(config, device))
+    logger.info(selective_scan.kernels_summary())
     if config.DATA.ZIP_MODE and config.DATA.CACHE_MODE != "no":
         logger.info(f"DATA.CACHE_MODE {config.DATA.CACHE_MODE!r} is accepted but not implemented: "
                     "images are read from the zip on access")

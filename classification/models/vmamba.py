@@ -13,6 +13,8 @@ LayerNorm2d / BatchNorm2d). Both have identical state_dict keys. The channel-fir
 activations in channels-last *memory* (NCHW shape, NHWC storage): per-pixel linears and norms then
 run on contiguous rows and no transposes are materialised.
 """
+import functools
+import logging
 import math
 import os
 import re
@@ -21,7 +23,7 @@ from typing import List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from selective_scan import ss2d
+from selective_scan import ops, ss2d
 from selective_scan.layer_norm import layer_norm
 from selective_scan.ss2d import ss2d_core
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -265,6 +267,23 @@ FORWARD_TYPES = ["v0"] + sorted(_V2_BASES) + sorted(b + "_noz" for b in _V2_BASE
 
 
 SS2D_CORES = ("auto",) + ss2d.BACKENDS
+
+_logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=None)
+def log_kernels() -> None:
+    """Says once per process which kernels the models run (ops.kernels_summary); a warning where a GPU is visible
+    but the extension has no CUDA kernels for it."""
+    backend = ops.kernel_backend("cuda")
+    if backend == "extension" or not torch.cuda.is_available():
+        _logger.info(ops.kernels_summary())
+        return
+    speed = ("the Triton kernels, about 0.4x its AMP speed on an H100" if backend == "triton" else
+             "the PyTorch path, about 0.03x its AMP speed on an H100 (install triton for about 0.4x)")
+    _logger.warning(f"VMamba: the selective-scan extension has no CUDA kernels ({ops.build_info()}): CUDA tensors "
+                    f"run {speed}. With a CUDA toolkit matching torch's, `pip install --no-build-isolation "
+                    f"./kernels/selective_scan` builds them.")
 
 
 def _default_ss2d_core():
@@ -565,6 +584,7 @@ class VSSM(nn.Module):
         **kwargs,
     ):
         super().__init__()
+        log_kernels()
         dd = {"device": device, "dtype": dtype}
         if posembed:
             raise ValueError("posembed=True is not supported (no published VMamba uses it)")

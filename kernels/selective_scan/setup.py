@@ -142,7 +142,7 @@ def cpu_extension(skip_cuda_reason: str):
     from torch.utils.cpp_extension import CppExtension
 
     flags = cxx_flags(f"CUDA part not built: {skip_cuda_reason}")
-    say(f"CPU kernels only: CUDA part not built ({skip_cuda_reason})")
+    say(f"CPU kernels only: CUDA part not built ({skip_cuda_reason}); CUDA tensors will run the Triton kernels")
     return CppExtension(name="selective_scan._C", sources=CPU_SOURCES, extra_compile_args=flags,
                         extra_link_args=[f for f in flags if f == "-fopenmp"])
 
@@ -182,7 +182,8 @@ if skip_reason is None:
     ext_modules = [cuda_extension() if skip_cuda_reason is None else cpu_extension(skip_cuda_reason)]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}
 else:
-    say(f"torch path only: extension not built ({skip_reason})")
+    say(f"extension not built ({skip_reason}): CPU tensors will run the PyTorch path, CUDA tensors the Triton "
+        "kernels")
 
 setup(
     name="selective_scan",

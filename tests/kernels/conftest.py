@@ -8,29 +8,15 @@ import textwrap
 import pytest
 
 
-WITHOUT_EXTENSION_PRELUDE = textwrap.dedent("""
-    import sys
-
-    class NoExtension:  # the package as installed where its extension could not be built
-        def find_spec(self, name, path=None, target=None):
-            if name == "selective_scan._C":
-                raise ImportError("not built")
-
-    sys.meta_path.insert(0, NoExtension())
-""")
-
-
 @pytest.fixture
 def triton_interpreted():
     """Runs Python source in a subprocess with TRITON_INTERPRET=1 (Triton kernels on CPU tensors; the
     variable must be set before triton is imported); asserts it succeeded and returns its stdout.
-    extension=False: the package imports as where its extension could not be built."""
+    extension=False: the package imports as where its extension could not be built (SELECTIVE_SCAN_NO_EXTENSION)."""
     pytest.importorskip("triton")
 
     def run(source, extension=True):
-        if not extension:
-            source = WITHOUT_EXTENSION_PRELUDE + source
-        env = dict(os.environ, TRITON_INTERPRET="1")
+        env = dict(os.environ, TRITON_INTERPRET="1", SELECTIVE_SCAN_NO_EXTENSION="0" if extension else "1")
         proc = subprocess.run([sys.executable, "-c", source], env=env, capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         return proc.stdout

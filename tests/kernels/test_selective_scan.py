@@ -301,7 +301,7 @@ def test_scan_flops_rule():
 def test_build_info_is_one_line():
     info = selective_scan.build_info()
     assert info and "\n" not in info
-    assert info.startswith("CPU kernels for") or info.startswith("torch path only:")
+    assert info.startswith("CPU kernels for") or info.startswith("extension not importable")
 
 
 def test_jit_trace_records_the_op_name():

@@ -4,6 +4,9 @@ reference test). Here the Triton interpreter runs the kernels on CPU tensors (TR
 the variable must be set before triton is imported); the tests marked cuda compile them for a GPU and compare them
 with the CUDA extension at VMamba-T's stage shapes."""
 
+import os
+import subprocess
+import sys
 import textwrap
 import zlib
 
@@ -167,12 +170,11 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
         selective_scan_fn(**inputs, backend="triton")
 
 
-def test_registration_refused_where_the_extension_has_cuda_kernels():
+def test_the_extensions_cuda_kernels_stay_the_ops_kernels():
     if not ops.extension_built():
         pytest.skip(f"the extension has no CUDA kernels ({selective_scan.build_info()})")
-    with pytest.raises(RuntimeError, match="does not replace"):
-        ops.register_triton_cuda_kernels()
-    assert not ops.triton_is_cuda_kernel()
+    assert not ops.TRITON_FOR_CUDA and not ops.triton_is_cuda_kernel()
+    assert ops.kernel_backend("cuda") == ops.kernel_backend("cpu") == "extension"
 
 
 WITHOUT_EXTENSION = textwrap.dedent("""
@@ -185,10 +187,10 @@ WITHOUT_EXTENSION = textwrap.dedent("""
         return torch._C._dispatch_has_kernel_for_dispatch_key(f"selective_scan::{op}", "CUDA")
 
     cuda = torch.device("cuda")
-    assert not ops.extension_built() and not ops.triton_is_cuda_kernel()  # a call makes it the kernel, not the import
-    assert not (has_cuda_kernel("fwd") or has_cuda_kernel("bwd") or ops.kernel_runs_on(cuda))
-    ops.register_triton_cuda_kernels()
+    assert not ops.extension_built() and ops.triton_is_cuda_kernel()  # registered at import
     assert has_cuda_kernel("fwd") and has_cuda_kernel("bwd") and ops.kernel_runs_on(cuda)
+    assert (ops.kernel_backend("cuda"), ops.kernel_backend("cpu")) == ("triton", "torch")
+    assert "CUDA tensors triton, CPU tensors torch" in ops.kernels_summary()
     assert ops.checkpoint_steps(cuda) == triton_scan.CHUNK
     with FakeTensorMode():  # what torch.compile sees: the Triton forward's outputs
         u = torch.empty(2, 4, 150, device="cuda", dtype=torch.float16)
@@ -202,9 +204,38 @@ WITHOUT_EXTENSION = textwrap.dedent("""
 
 
 def test_registration_as_the_missing_cuda_kernel(triton_interpreted):
-    """Without the extension (as installed where it cannot be built) the Triton scan registers as the ops' CUDA
-    kernel, and the fake kernel then gives its checkpoint layout."""
+    """Without the extension (as installed where it cannot be built) the Triton scan is the ops' CUDA kernel from
+    the import on, and the fake kernel gives its checkpoint layout."""
     assert triton_interpreted(WITHOUT_EXTENSION, extension=False).split() == ["registered"]
+
+
+NEITHER_EXTENSION_NOR_TRITON = textwrap.dedent("""
+    import sys
+
+    sys.modules["triton"] = None  # as with a torch build that ships without triton: importing it fails
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from selective_scan import ops, ss2d
+
+    assert not ops.TRITON_FOR_CUDA and not ss2d.triton_is_cuda_kernel()
+    assert ops.kernel_backend("cuda") == ops.kernel_backend("cpu") == "torch"
+    assert not torch._C._dispatch_has_kernel_for_dispatch_key("selective_scan::fwd", "CUDA")
+    with FakeTensorMode():
+        x = torch.empty(2, 5, 7, 12, device="cuda", dtype=torch.float16)
+    assert ss2d.select_core(x.permute(0, 3, 1, 2), 6, 1) == "unfused"
+    assert "triton is not installed" in ss2d.fused_unsupported_reason(6, 1, x=x)
+    print("torch")
+""")
+
+
+def test_without_extension_or_triton_cuda_tensors_take_the_torch_path():
+    """The last step of the order extension, Triton, PyTorch: nothing registers for CUDA, the ops' PyTorch
+    implementation runs and SS2D takes its unfused core."""
+    env = dict(os.environ, SELECTIVE_SCAN_NO_EXTENSION="1")
+    proc = subprocess.run([sys.executable, "-c", NEITHER_EXTENSION_NOR_TRITON], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ["torch"], proc.stdout + proc.stderr
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU

@@ -197,12 +197,11 @@ def test_kernels_compile_for_sm90(d_state, routes):
         assert usage.group(1) == "0", (kernel.fn.__name__, usage.group(0))
 
 
-def test_registration_refused_where_the_extension_has_cuda_kernels():
+def test_the_extensions_cuda_kernels_stay_the_fused_ops_kernels():
     if not selective_scan.extension_built():
         pytest.skip(f"the extension has no CUDA kernels ({selective_scan.build_info()})")
-    with pytest.raises(RuntimeError, match="do not replace"):
-        ss2d.register_triton_cuda_kernels()
     assert not ss2d.triton_is_cuda_kernel()
+    assert "d_state is 16" in ss2d.fused_unsupported_reason(6, 16)  # the CUDA kernels' limits
 
 
 WITHOUT_EXTENSION = textwrap.dedent("""
@@ -219,15 +218,9 @@ WITHOUT_EXTENSION = textwrap.dedent("""
     with fake:  # CUDA tensors as torch.compile sees them: enough for the dispatch rule
         x = torch.empty(2, 5, 7, 12, device="cuda", dtype=torch.float16)
         x_cf = x.permute(0, 3, 1, 2)
-    # a call makes the Triton kernels the fused ops' CUDA kernel, not the import
-    assert not ops.extension_built() and not ss2d.triton_is_cuda_kernel()
-    assert not (has_cuda_kernel("fwd") or has_cuda_kernel("bwd") or ss2d.kernel_runs_on(cuda))
-    assert ss2d.select_core(x_cf, 6, 1) == "unfused"
-    assert "register_triton_cuda_kernels" in ss2d.fused_unsupported_reason(6, 1, x=x)
-    ss2d.register_triton_cuda_kernels()
-    ss2d.register_triton_cuda_kernels()  # a second call changes nothing
+    # the Triton kernels are the fused ops' CUDA kernel from the import on, as they are the scan's
+    assert not ops.extension_built() and ss2d.triton_is_cuda_kernel() and ops.triton_is_cuda_kernel()
     assert has_cuda_kernel("fwd") and has_cuda_kernel("bwd") and ss2d.kernel_runs_on(cuda)
-    assert not ops.kernel_runs_on(cuda)  # the scan's Triton kernels are a call of their own
     assert ss2d.select_core(x_cf, 6, 1) == "fused" and ss2d.select_core(x_cf, 6, 16) == "fused"
     assert ss2d.fused_unsupported_reason(66, 16, x=x) is None
     assert "d_state is 17" in ss2d.fused_unsupported_reason(6, 17, x=x)
@@ -246,8 +239,9 @@ WITHOUT_EXTENSION = textwrap.dedent("""
 
 
 def test_registration_as_the_missing_cuda_kernel(triton_interpreted):
-    """Without the extension (as installed where it cannot be built) the Triton kernels register as the fused ops'
-    CUDA kernel: CUDA tensors then take the fused core by default, and the fake kernel gives their checkpoints."""
+    """Without the extension (as installed where it cannot be built) the Triton kernels are the fused ops' CUDA
+    kernel from the import on: CUDA tensors take the fused core by default (the v0 models' d_state 16 too), and the
+    fake kernel gives their checkpoints."""
     assert triton_interpreted(WITHOUT_EXTENSION, extension=False).split() == ["registered"]
 
 

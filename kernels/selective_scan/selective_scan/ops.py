@@ -14,10 +14,12 @@ layer_norm.py), one way for all of them:
   break, nothing traced inside), and AOTInductor can call the C++ registration;
 * a `torch.autograd.Function` calls the fwd op and, in its backward, the bwd op.
 
-The scan has a third implementation, Triton kernels (triton_scan.py): `backend="triton"` runs them, and
-`register_triton_cuda_kernels()` makes them the ops' CUDA kernel where the extension has none (then CUDA tensors
-take them by default and torch.compile sees the one op). That is a call, not the import-time default, until the
-Triton scan is measured against the CUDA extension on a GPU.
+The scan and the fused SS2D core have a third implementation, Triton kernels (triton_scan.py, triton_ss2d.py).
+Where the extension has no CUDA kernels (built without a CUDA toolkit, or not built at all) and triton is installed,
+they are registered as the ops' CUDA kernels when the package is imported, so CUDA tensors take them by default and
+torch.compile still sees the one op: for CUDA tensors the order is the extension, then Triton, then PyTorch.
+`backend="triton"` runs them explicitly (tests, benchmarks). Setting SELECTIVE_SCAN_NO_EXTENSION=1 imports the
+package as where the extension is not built (to compare the backends on one machine).
 
 Why not `torch.library.custom_op`: it gives the same compiled graphs, but its Python wrappers (argument
 normalisation, autograd and autocast layers written in Python) cost the host about twice as much per call:
@@ -29,6 +31,7 @@ x86 machine). A VMamba block calls several op pairs, and at small batch the host
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -36,12 +39,15 @@ from torch import Tensor
 
 from . import torch_scan, triton_scan
 
-try:
-    _C = importlib.import_module(f"{__package__}._C")  # the compiled extension (registers its kernels)
-    _EXTENSION_ERROR = None
-except ImportError as error:  # not built (no C++ compiler at install time)
-    _C = None
-    _EXTENSION_ERROR = str(error)
+_C = None
+if os.environ.get("SELECTIVE_SCAN_NO_EXTENSION", "0") not in ("", "0"):
+    _EXTENSION_ERROR = "SELECTIVE_SCAN_NO_EXTENSION is set"
+else:
+    try:
+        _C = importlib.import_module(f"{__package__}._C")  # the compiled extension (registers its kernels)
+        _EXTENSION_ERROR = None
+    except ImportError as error:  # not built (no C++ compiler at install time)
+        _EXTENSION_ERROR = str(error)
 _HAS_CUDA = _C is not None and _C.has_cuda()
 
 # The CUDA kernel processes L in tiles of this many steps and saves the state at the start of each tile
@@ -114,7 +120,7 @@ def build_info() -> str:
     """One line saying what this installation can run."""
     if _C is not None:
         return _C.build_info()
-    return f"torch path only: extension not importable ({_EXTENSION_ERROR})"
+    return f"extension not importable ({_EXTENSION_ERROR})"
 
 
 def scan_flops(batch: int, length: int, channels: int, d_state: int, with_D: bool = True) -> int:
@@ -136,15 +142,24 @@ define_ops("selective_scan", [
 ])
 
 
-def register_triton_cuda_kernels() -> None:
-    """Registers the Triton scan as the CUDA kernel of `selective_scan::fwd` / `::bwd`, where the extension has no
-    CUDA kernels (it refuses to replace them); CUDA tensors then take it by default."""
-    if _HAS_CUDA:
-        raise RuntimeError("selective_scan: the extension registers its CUDA kernels; the Triton scan does not "
-                           "replace them (use backend='triton' to run it)")
-    if not triton_scan.available():
-        raise RuntimeError("selective_scan: the Triton scan needs triton, which is not installed")
+# Triton registers only where the extension has no CUDA kernels, so the op families always agree on it.
+TRITON_FOR_CUDA = not _HAS_CUDA and triton_scan.available()
+if TRITON_FOR_CUDA:
     impl_triton_cuda("selective_scan", triton_scan.forward, triton_scan.backward)
+
+
+def kernel_backend(device_type: str) -> str:
+    """Which kernels the ops run for tensors of a device type ("cuda", "cpu"): "extension", "triton" (CUDA tensors
+    where the extension has no CUDA kernels) or "torch" (the PyTorch implementation)."""
+    if compiled_kernels_for(torch.device(device_type)):
+        return "extension"
+    return "triton" if device_type == "cuda" and TRITON_FOR_CUDA else "torch"
+
+
+def kernels_summary() -> str:
+    """One line: the kernels CUDA and CPU tensors run, and the extension's build."""
+    return (f"selective_scan kernels: CUDA tensors {kernel_backend('cuda')}, CPU tensors {kernel_backend('cpu')} "
+            f"({build_info()})")
 
 
 def triton_is_cuda_kernel(namespace: str = "selective_scan") -> bool:

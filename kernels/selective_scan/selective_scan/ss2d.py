@@ -10,9 +10,8 @@ Three implementations of the same function, side by side:
   is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu (d_state 1, dt rank up to MAX_RANK: every stage of
   the published v2 models), CPU kernels in csrc/cpu/ss2d_cpu.cpp (any d_state and rank, so the v0 models too);
   without a compiled kernel for the device the reference below is the op's kernel. Cross2d routes. Triton kernels
-  (triton_ss2d.py: d_state up to 16, the same dt ranks) become the ops' CUDA kernel where the extension has none
-  through `register_triton_cuda_kernels()`, a call rather than the import-time default until they are measured on a
-  GPU; `scan_routes(..., impl="triton")` runs them directly.
+  (triton_ss2d.py: d_state up to 16, the same dt ranks) are the ops' CUDA kernel where the extension has none
+  (registered at import, ops.py says when); `scan_routes(..., impl="triton")` runs them directly.
 * **unfused** (`backend="unfused"`): `cross_scan` to (B, 4, D, L) route copies, batched per-route projections,
   the selective scan (ops.py), `cross_merge`. Any d_state and route set; what fvcore traces for FLOP counts.
 * **reference** (`backend="reference"`): PyTorch, the routes gathered through `route_positions`, the fused ops'
@@ -20,10 +19,9 @@ Three implementations of the same function, side by side:
   the oracle the compiled kernels are tested against.
 
 Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused ops run a kernel for x's device
-(the CPU whenever the extension is built; CUDA when it is built with CUDA or the Triton kernels are registered) and
-take the call
-(`fused_unsupported_reason` is None); unfused otherwise, and always under jit tracing (fvcore's FLOP count keys
-on the unfused ops). Nothing falls back
+(the CPU whenever the extension is built; CUDA when it is built with CUDA, else when triton is installed) and take
+the call (`fused_unsupported_reason` is None); unfused otherwise, and always under jit tracing (fvcore's FLOP count
+keys on the unfused ops). Nothing falls back
 silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
 """
 
@@ -39,7 +37,7 @@ from . import ops, torch_scan, triton_ss2d
 from .cross_scan import ROUTE_SETS, cross_merge, cross_scan, route_positions
 
 __all__ = ["ss2d_core", "select_core", "fused_unsupported_reason", "unfused_scan_inputs", "project", "scan_routes",
-           "scan_routes_reference", "register_triton_cuda_kernels", "triton_is_cuda_kernel", "BACKENDS", "MAX_RANK"]
+           "scan_routes_reference", "triton_is_cuda_kernel", "BACKENDS", "MAX_RANK"]
 
 K = 4
 MAX_RANK = 66  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 68 floats (kWidestRow)
@@ -58,20 +56,13 @@ ops.define_ops("selective_scan_ss2d", [
 
 
 
-def register_triton_cuda_kernels() -> None:
-    """Registers the Triton kernels (triton_ss2d.py) as the CUDA kernel of `selective_scan_ss2d::fwd` / `::bwd`, where
-    the extension has no CUDA kernels (it refuses to replace them); CUDA tensors then take the fused core by default.
-    The unfused core's scan has its own call, ops.register_triton_cuda_kernels()."""
-    if ops.extension_built():
-        raise RuntimeError("selective_scan_ss2d: the extension registers its CUDA kernels; the Triton kernels do not "
-                           "replace them (use scan_routes(..., impl='triton') to run them)")
-    if not triton_ss2d.available():
-        raise RuntimeError("selective_scan_ss2d: the Triton kernels need triton, which is not installed")
+# where the extension has no CUDA kernels (ops.py's docstring)
+if ops.TRITON_FOR_CUDA:
     ops.impl_triton_cuda("selective_scan_ss2d", triton_ss2d.forward, triton_ss2d.backward)
 
 
 def triton_is_cuda_kernel() -> bool:
-    """Whether the fused ops' CUDA kernel is the Triton one (register_triton_cuda_kernels)."""
+    """Whether the fused ops' CUDA kernel is the Triton one (the extension has no CUDA kernels)."""
     return ops.triton_is_cuda_kernel("selective_scan_ss2d")
 
 
@@ -350,8 +341,7 @@ def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x
     if x.dtype not in _DTYPES:
         return f"dtype {x.dtype} is not one of {_DTYPES}"
     if x.is_cuda and not kernel_runs_on(x.device):
-        return (f"the fused CUDA kernels are not built ({ops.build_info()}); "
-                f"selective_scan.ss2d.register_triton_cuda_kernels() makes the Triton kernels the fused ops' kernel")
+        return f"the fused CUDA kernels are not built ({ops.build_info()}) and triton is not installed"
     return None
 
 
