@@ -1,11 +1,15 @@
 """VMamba models: the state-dict layout and parameter counts of the authors' release, layouts, odd input sizes,
 construction errors, builders, timm registration and build_model with the shipped yaml configs."""
 import math
+import os
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import timm
 import torch
+from selective_scan import triton_scan
 
 import classification.models as models
 from classification.config import load_config
@@ -280,3 +284,34 @@ def test_whole_model_compiles_without_graph_breaks(device):
     out.square().sum().backward()
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g, rtol=10 * tol["rtol"], atol=tol["atol"])
+
+
+KERNEL_LOG = """
+import logging
+
+import torch
+
+torch.cuda.is_available = lambda: True  # a GPU, as the models' log sees it
+records = []
+handler = logging.Handler()
+handler.emit = records.append
+logging.getLogger("classification.models.vmamba").addHandler(handler)
+import timm
+
+import classification.models  # noqa: F401
+
+timm.create_model("vmamba_tiny_s1l8")
+timm.create_model("vanilla_vmamba_tiny")
+assert [record.levelno for record in records] == [logging.WARNING], records
+print(records[0].getMessage())
+"""
+
+
+def test_models_warn_once_on_a_gpu_without_the_extensions_cuda_kernels():
+    env = dict(os.environ, SELECTIVE_SCAN_NO_EXTENSION="1")
+    proc = subprocess.run([sys.executable, "-c", KERNEL_LOG], env=env, capture_output=True, text=True, timeout=300,
+                          cwd=pathlib.Path(__file__).parents[2])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    path = "the Triton kernels" if triton_scan.available() else "the PyTorch path"
+    assert "has no CUDA kernels (extension not importable (SELECTIVE_SCAN_NO_EXTENSION is set))" in proc.stdout
+    assert f"CUDA tensors run {path}" in proc.stdout
