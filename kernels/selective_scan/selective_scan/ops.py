@@ -91,7 +91,6 @@ def dispatcher_ops_loaded(namespace: str) -> bool:
 
 
 _PYTHON_LIBRARIES = []  # the libraries defined here must stay alive
-_TRITON_CUDA_NAMESPACES = set()  # op families whose CUDA kernels are Triton ones (impl_triton_cuda)
 
 
 def define_ops(namespace: str, schemas: Sequence[str]) -> None:
@@ -106,14 +105,12 @@ def define_ops(namespace: str, schemas: Sequence[str]) -> None:
 
 
 def impl_triton_cuda(namespace: str, forward, backward) -> None:
-    """Registers Triton `forward` / `backward` as the CUDA kernels of ``namespace::fwd`` / ``::bwd`` (once)."""
-    if namespace in _TRITON_CUDA_NAMESPACES:
-        return
+    """Registers Triton `forward` / `backward` as the CUDA kernels of ``namespace::fwd`` / ``::bwd``; each op family
+    with Triton kernels calls it at import where TRITON_FOR_CUDA (below)."""
     library = torch.library.Library(namespace, "IMPL")
     library.impl("fwd", forward, "CUDA")
     library.impl("bwd", backward, "CUDA")
     _PYTHON_LIBRARIES.append(library)
-    _TRITON_CUDA_NAMESPACES.add(namespace)
 
 
 def build_info() -> str:
@@ -142,35 +139,37 @@ define_ops("selective_scan", [
 ])
 
 
-# Triton registers only where the extension has no CUDA kernels, so the op families always agree on it.
+# Whether the Triton kernels are the CUDA kernels of every op family that has them (the scan here, the fused SS2D
+# core in ss2d.py): where the extension has no CUDA kernels and triton is installed.
 TRITON_FOR_CUDA = not _HAS_CUDA and triton_scan.available()
 if TRITON_FOR_CUDA:
     impl_triton_cuda("selective_scan", triton_scan.forward, triton_scan.backward)
 
 
+def triton_is_cuda_kernel() -> bool:
+    """Whether the ops' CUDA kernels are the Triton ones (TRITON_FOR_CUDA)."""
+    return TRITON_FOR_CUDA
+
+
+def kernel_runs_on(device: torch.device) -> bool:
+    """Whether the ops (the scan's and the fused SS2D core's alike) run a kernel, not their PyTorch implementation,
+    for tensors on `device`: the extension's, or on CUDA the Triton one."""
+    return compiled_kernels_for(device) or (device.type == "cuda" and TRITON_FOR_CUDA)
+
+
 def kernel_backend(device_type: str) -> str:
     """Which kernels the ops run for tensors of a device type ("cuda", "cpu"): "extension", "triton" (CUDA tensors
     where the extension has no CUDA kernels) or "torch" (the PyTorch implementation)."""
-    if compiled_kernels_for(torch.device(device_type)):
+    device = torch.device(device_type)
+    if compiled_kernels_for(device):
         return "extension"
-    return "triton" if device_type == "cuda" and TRITON_FOR_CUDA else "torch"
+    return "triton" if kernel_runs_on(device) else "torch"
 
 
 def kernels_summary() -> str:
     """One line: the kernels CUDA and CPU tensors run, and the extension's build."""
     return (f"selective_scan kernels: CUDA tensors {kernel_backend('cuda')}, CPU tensors {kernel_backend('cpu')} "
             f"({build_info()})")
-
-
-def triton_is_cuda_kernel(namespace: str = "selective_scan") -> bool:
-    """Whether the CUDA kernels of `namespace`'s ops (default: the scan's) are Triton ones."""
-    return namespace in _TRITON_CUDA_NAMESPACES
-
-
-def kernel_runs_on(device: torch.device, namespace: str = "selective_scan") -> bool:
-    """Whether `namespace`'s ops (default: the scan's) run a kernel, not their PyTorch implementation, for tensors on
-    `device`: the extension's, or on CUDA the Triton one once registered."""
-    return compiled_kernels_for(device) or (device.type == "cuda" and triton_is_cuda_kernel(namespace))
 
 
 def checkpoint_steps(device: torch.device) -> int:

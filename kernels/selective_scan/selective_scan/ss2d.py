@@ -35,6 +35,7 @@ from torch import Tensor
 
 from . import ops, torch_scan, triton_ss2d
 from .cross_scan import ROUTE_SETS, cross_merge, cross_scan, route_positions
+from .ops import kernel_runs_on, triton_is_cuda_kernel  # one answer for every op family (ops.TRITON_FOR_CUDA)
 
 __all__ = ["ss2d_core", "select_core", "fused_unsupported_reason", "unfused_scan_inputs", "project", "scan_routes",
            "scan_routes_reference", "triton_is_cuda_kernel", "BACKENDS", "MAX_RANK"]
@@ -59,17 +60,6 @@ ops.define_ops("selective_scan_ss2d", [
 # where the extension has no CUDA kernels (ops.py's docstring)
 if ops.TRITON_FOR_CUDA:
     ops.impl_triton_cuda("selective_scan_ss2d", triton_ss2d.forward, triton_ss2d.backward)
-
-
-def triton_is_cuda_kernel() -> bool:
-    """Whether the fused ops' CUDA kernel is the Triton one (the extension has no CUDA kernels)."""
-    return ops.triton_is_cuda_kernel("selective_scan_ss2d")
-
-
-def kernel_runs_on(device: torch.device) -> bool:
-    """Whether the fused ops run a kernel (not the reference) for tensors on `device`: the extension's, or on CUDA
-    the Triton one once registered."""
-    return ops.kernel_runs_on(device, "selective_scan_ss2d")
 
 
 def checkpoint_chunk(rank: int, device: torch.device) -> int:

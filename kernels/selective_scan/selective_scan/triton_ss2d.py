@@ -180,17 +180,43 @@ if triton is not None:
         return tl.where(channel_mask[:, None] & step_mask[None, :], _softplus(pre), 0.0), pre
 
     @triton.jit
-    def _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask, state, state_mask, dim,
-                          rank, n_state):
+    def _program_block(dim, n_state, BLOCK: tl.constexpr, N_PAD: tl.constexpr):
+        """The program's sample, its block of channels and the (padded) states, with which of them exist."""
+        channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        state = tl.arange(0, N_PAD)
+        return tl.program_id(0).to(tl.int64), channel, channel < dim, state, state < n_state
+
+    @triton.jit
+    def _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr, sample, route, channel, channel_mask,
+                          state, state_mask, dim, rank, n_state, num_chunks):
         """Pointers to the W_dt rows, the dt bias, A = -exp(A_log) (channels, N_PAD) and D of the block's channels in
-        route `route`; padded states get A = 0 (and B = C = 0), so they stay 0 and add nothing."""
+        route `route`, and pointers to their checkpoints (chunk 0; a chunk is n_state * dim further); padded states
+        get A = 0 (and B = C = 0), so they stay 0 and add nothing."""
         rows = route * dim + channel
         bias = tl.load(bias_ptr + rows, mask=channel_mask, other=0.0)
         state_masks = channel_mask[:, None] & state_mask[None, :]
         A_log = tl.load(A_log_ptr + rows[:, None] * n_state + state[None, :], mask=state_masks, other=0.0)
         A = tl.where(state_masks, -tl.exp(A_log), 0.0)
         D = tl.load(Ds_ptr + rows, mask=channel_mask, other=0.0)
-        return w_ptr + rows * rank, bias, A, D
+        checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
+                           + channel[:, None])
+        return w_ptr + rows * rank, bias, A, D, checkpoint_rows
+
+    @triton.jit
+    def _chunk_inputs(x_ptr, x_dbl_ptr, w_rows, bias, sample, route, step, channel, channel_mask, state, state_mask,
+                      height, width, dim, rank, n_state, SLICE: tl.constexpr):
+        """What the forward and the backward read for a chunk of `step`s of a route: the steps' raster positions and
+        mask, the (channels, steps) mask and offsets into the maps, x in fp32, pointers to the steps' x_dbl rows,
+        (dt, its pre-activation) and B (states, steps)."""
+        position, step_mask = _route_positions(route, step, height, width)
+        rows = sample * height * width + position
+        mask = channel_mask[:, None] & step_mask[None, :]
+        offsets = rows[None, :] * dim + channel[:, None]
+        x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        entries = x_dbl_ptr + (rows * 4 + route) * (rank + 2 * n_state)
+        dt, pre_activation = _dt(w_rows, entries, bias, channel_mask, step_mask, rank, SLICE)
+        B = _row_values(entries, rank, state, state_mask, step_mask)
+        return position, step_mask, mask, offsets, x, entries, dt, pre_activation, B
 
     @triton.jit
     def _ss2d_fwd_kernel(
@@ -199,34 +225,21 @@ if triton is not None:
         BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
         ROUTES: tl.constexpr,
     ):
-        sample = tl.program_id(0).to(tl.int64)
-        channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        channel_mask = channel < dim
-        state = tl.arange(0, N_PAD)
-        state_mask = state < n_state
+        sample, channel, channel_mask, state, state_mask = _program_block(dim, n_state, BLOCK, N_PAD)
         channel_state_mask = channel_mask[:, None] & state_mask[None, :]
-        length = height * width
-        row_width = rank + 2 * n_state
         # the program walks ROUTES routes and adds them into the y map of its group of routes
-        y_ptr += tl.program_id(2).to(tl.int64) * tl.num_programs(0) * length * dim
+        y_ptr += tl.program_id(2).to(tl.int64) * tl.num_programs(0) * height * width * dim
         for routes_walked in range(ROUTES):
             route = tl.program_id(2) * ROUTES + routes_walked
-            w_rows, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
-                                                   state, state_mask, dim, rank, n_state)
-            checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
-                               + channel[:, None])
+            w_rows, bias, A, D, checkpoint_rows = _route_parameters(
+                w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr, sample, route, channel, channel_mask, state,
+                state_mask, dim, rank, n_state, num_chunks)
             h = tl.zeros((BLOCK, N_PAD), tl.float32)
             for chunk in range(num_chunks):
                 tl.store(checkpoint_rows + chunk * n_state * dim, h, mask=channel_state_mask)
-                position, step_mask = _route_positions(route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
-                                                       height, width)
-                rows = sample * length + position
-                mask = channel_mask[:, None] & step_mask[None, :]
-                offsets = rows[None, :] * dim + channel[:, None]
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                entries = x_dbl_ptr + (rows * 4 + route) * row_width
-                dt, _ = _dt(w_rows, entries, bias, channel_mask, step_mask, rank, SLICE)
-                B = _row_values(entries, rank, state, state_mask, step_mask)
+                _, step_mask, mask, offsets, x, entries, dt, _, B = _chunk_inputs(
+                    x_ptr, x_dbl_ptr, w_rows, bias, sample, route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
+                    channel, channel_mask, state, state_mask, height, width, dim, rank, n_state, SLICE)
                 C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
                 states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), (dt * x)[:, None, :] * B[None, :, :], h)
                 y = tl.sum(states * C[None, :, :], axis=1) + D[:, None] * x
@@ -244,11 +257,7 @@ if triton is not None:
         BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
         ROUTES: tl.constexpr,
     ):
-        sample = tl.program_id(0).to(tl.int64)
-        channel = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        channel_mask = channel < dim
-        state = tl.arange(0, N_PAD)
-        state_mask = state < n_state
+        sample, channel, channel_mask, state, state_mask = _program_block(dim, n_state, BLOCK, N_PAD)
         channel_state_mask = channel_mask[:, None] & state_mask[None, :]
         length = height * width
         row_width = rank + 2 * n_state
@@ -261,10 +270,9 @@ if triton is not None:
         dx_ptr += group_map
         for routes_walked in range(ROUTES):
             route = tl.program_id(2) * ROUTES + routes_walked
-            w_rows, bias, A, D = _route_parameters(w_ptr, bias_ptr, A_log_ptr, Ds_ptr, route, channel, channel_mask,
-                                                   state, state_mask, dim, rank, n_state)
-            checkpoint_rows = (checkpoint_ptr + ((sample * 4 + route) * num_chunks * n_state + state[None, :]) * dim
-                               + channel[:, None])
+            w_rows, bias, A, D, checkpoint_rows = _route_parameters(
+                w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr, sample, route, channel, channel_mask, state,
+                state_mask, dim, rank, n_state, num_chunks)
             route_rows = sample * 4 * dim + route * dim + channel  # (sample, route, channel) of the partial sums
             # the adjoint of the first step of the chunk to the right (zero after the route's last step)
             adjoint_after = tl.zeros((BLOCK, N_PAD), tl.float32)
@@ -273,16 +281,10 @@ if triton is not None:
             dbias = tl.zeros((BLOCK,), tl.float32)
             for reversed_chunk in range(num_chunks):
                 chunk = num_chunks - 1 - reversed_chunk
-                step = chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS)
-                position, step_mask = _route_positions(route, step, height, width)
-                rows = sample * length + position
-                mask = channel_mask[:, None] & step_mask[None, :]
-                offsets = rows[None, :] * dim + channel[:, None]
-                x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                position, step_mask, mask, offsets, x, entries, dt, pre_activation, B = _chunk_inputs(
+                    x_ptr, x_dbl_ptr, w_rows, bias, sample, route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
+                    channel, channel_mask, state, state_mask, height, width, dim, rank, n_state, SLICE)
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
-                entries = x_dbl_ptr + (rows * 4 + route) * row_width
-                dt, pre_activation = _dt(w_rows, entries, bias, channel_mask, step_mask, rank, SLICE)
-                B = _row_values(entries, rank, state, state_mask, step_mask)
                 inputs = (dt * x)[:, None, :] * B[None, :, :]
                 entering = tl.load(checkpoint_rows + chunk * n_state * dim, mask=channel_state_mask, other=0.0)
                 states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), inputs, entering)
