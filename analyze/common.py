@@ -286,6 +286,12 @@ def write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str]):
         writer.writerows(rows)
 
 
+def p90(values: Sequence[float]) -> float:
+    """The nearest-rank 90th percentile."""
+    ordered = sorted(values)
+    return ordered[math.ceil(0.9 * len(ordered)) - 1]
+
+
 def timed_call(run: Callable[[], object], device: torch.device) -> float:
     """Wall seconds of one call of `run`, waited for: on CUDA the device is synchronised before and after."""
     if device.type == "cuda":

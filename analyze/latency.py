@@ -17,15 +17,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from analyze.common import (ModelSpec, add_common_args, format_table, model_specs, prepare_model, prepare_out_dir,
-                            report_outputs, resolve_device, run_cli, timed_call, write_csv)
+                            p90, report_outputs, resolve_device, run_cli, timed_call, write_csv)
 
 COLUMNS = ["model", "img_size", "threads", "median_ms", "p90_ms"]
-
-
-def _p90(values: Sequence[float]) -> float:
-    """The nearest-rank 90th percentile."""
-    ordered = sorted(values)
-    return ordered[math.ceil(0.9 * len(ordered)) - 1]
 
 
 def measure(specs: Sequence[ModelSpec], img_size: int, device: torch.device, warmup: int, iters: int,
@@ -43,7 +37,7 @@ def measure(specs: Sequence[ModelSpec], img_size: int, device: torch.device, war
                 times[label].append(timed_call(lambda: model(image), device) * 1e3)
     threads = torch.get_num_threads() if device.type == "cpu" else math.nan
     return [dict(model=label, img_size=img_size, threads=threads, median_ms=statistics.median(values),
-                 p90_ms=_p90(values)) for label, values in times.items()]
+                 p90_ms=p90(values)) for label, values in times.items()]
 
 
 def table(rows: Sequence[dict]) -> str:

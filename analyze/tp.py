@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from analyze import latency
 from analyze.common import (ModelSpec, add_common_args, count_params, format_table, model_specs,
-                            prepare_model, prepare_out_dir, report_outputs, resolve_device, run_cli,
+                            p90, prepare_model, prepare_out_dir, report_outputs, resolve_device, run_cli,
                             timed_call, write_csv)
 
 MODES = ("infer_fp32", "infer_amp", "train_amp")
@@ -94,7 +94,7 @@ def _time_batch(model: nn.Module, mode: str, batch: int, img_size: int, device: 
     if batch == 1:  # latency: every step waited for on its own
         step_ms = [timed_call(step, device) * 1e3 for _ in range(iters)]
         return {"img_s": 1e3 * iters / sum(step_ms), "mem_gib": _peak_memory_gib(device), "batch": batch,
-                "median_ms": statistics.median(step_ms), "p90_ms": latency._p90(step_ms)}
+                "median_ms": statistics.median(step_ms), "p90_ms": p90(step_ms)}
     start = time.perf_counter()
     for _ in range(iters):
         step()

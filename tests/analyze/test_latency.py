@@ -4,6 +4,7 @@ import csv
 import torch
 
 from analyze import latency, tp
+from analyze.common import p90
 
 
 def test_latency_command_writes_one_row_per_model(tmp_path, capsys):
@@ -25,9 +26,9 @@ def test_latency_command_writes_one_row_per_model(tmp_path, capsys):
 
 
 def test_p90_is_the_nearest_rank():
-    assert latency._p90([5.0, 1.0, 3.0]) == 5.0
-    assert latency._p90(list(range(1, 11))) == 9
-    assert latency._p90([2.0]) == 2.0
+    assert p90([5.0, 1.0, 3.0]) == 5.0
+    assert p90(list(range(1, 11))) == 9
+    assert p90([2.0]) == 2.0
 
 
 def test_tp_on_the_cpu_prints_the_latency_table(tmp_path, capsys):
