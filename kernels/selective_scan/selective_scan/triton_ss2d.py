@@ -21,14 +21,18 @@ once per route without a zero-filled buffer or per-route copies to sum afterward
 blocks) has fewer programs than the GPU has SMs, each program walks one route instead, into its own fp32 map, and
 the host sums the four maps: four times the programs for small batches, still deterministic.
 
-Backward. Per route, the program walks its chunks from the last, recomputes the chunk's states from the state the
-forward saved at the chunk's start (checkpoints (B, 4, chunks, N, D) fp32), and runs the adjoint recurrence as a
-second associative scan over tiles loaded in reversed step order, flipped back (`tl.associative_scan(...,
-reverse=True)` is wrong for non-commutative combines on GPUs, triton issue #4362). From the gradient of dt's
-pre-activation it forms, in-kernel, the gradient of the x_dbl rank values (W_dt^T ddt) and of W_dt (ddt r^T, summed
-over the chunks), again a slice of ranks per `tl.dot`. dx gathers its routes like y (an fp32 sum; the last route
-writes x's dtype). Sums over channels (the x_dbl row gradients) are written per channel block, sums over positions
-(W_dt, dt bias, A_log, D) per sample; the host adds the partials, so results do not depend on scheduling.
+Backward. Per route, the program walks its chunks from the last, reads each chunk once in step order (x, dy, the
+x_dbl row, dt computed once) and recomputes the chunk's states from the state the forward saved at the chunk's start
+(checkpoints (B, 4, chunks, N, D) fp32). The adjoint g_t = dL/dh_t = C_t dy_t + decay_{t+1} g_{t+1} runs as a second
+associative scan in reversed step order, on tiles that `tl.gather` takes from the step-order ones (lane shuffles):
+dy and C reversed, and dt reversed and shifted by one step, so the decay each step needs is its successor's without
+computing dt again. The chunk to the right enters that scan as decay_{t+1} g_{t+1} of its first step, carried in
+registers; the scan's result is flipped back into step order (`tl.associative_scan(..., reverse=True)` is wrong for
+non-commutative combines on GPUs, triton issue #4362). From the gradient of dt's pre-activation it forms, in-kernel,
+the gradient of the x_dbl rank values (W_dt^T ddt) and of W_dt (ddt r^T, summed over the chunks), again a slice of
+ranks per `tl.dot`. dx gathers its routes like y (an fp32 sum; the last route writes x's dtype). Sums over channels
+(the x_dbl row gradients) are written per channel block, sums over positions (W_dt, dt bias, A_log, D) per sample;
+the host adds the partials, so results do not depend on scheduling.
 
 Everything accumulates in fp32 whatever the input dtype; y is fp32, gradients take their input's dtype.
 
@@ -262,6 +266,11 @@ if triton is not None:
         length = height * width
         row_width = rank + 2 * n_state
         slice_index = tl.arange(0, SLICE)
+        # `tl.gather` indices that reverse a chunk's steps, and reverse and shift them a step (the adjoint's decays)
+        back_step = tl.arange(0, CHUNK_STEPS)[None, :]
+        reversed_steps = tl.broadcast_to(CHUNK_STEPS - 1 - back_step, (BLOCK, CHUNK_STEPS))
+        shifted_back = tl.broadcast_to((CHUNK_STEPS - back_step) % CHUNK_STEPS, (BLOCK, CHUNK_STEPS))
+        reversed_states = tl.broadcast_to(CHUNK_STEPS - 1 - back_step, (N_PAD, CHUNK_STEPS))
         # this program's partial x_dbl row gradients: (B, channel blocks, L, 4, R + 2N)
         partial_rows = (sample * tl.num_programs(1) + tl.program_id(1)) * length
         # the program walks ROUTES routes and adds them into the dx map of its group of routes
@@ -274,7 +283,7 @@ if triton is not None:
                 w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr, sample, route, channel, channel_mask, state,
                 state_mask, dim, rank, n_state, num_chunks)
             route_rows = sample * 4 * dim + route * dim + channel  # (sample, route, channel) of the partial sums
-            # the adjoint of the first step of the chunk to the right (zero after the route's last step)
+            # decay_{t+1} g_{t+1} of the first step of the chunk to the right (zero after the route's last step)
             adjoint_after = tl.zeros((BLOCK, N_PAD), tl.float32)
             dA = tl.zeros((BLOCK, N_PAD), tl.float32)
             dD = tl.zeros((BLOCK,), tl.float32)
@@ -285,25 +294,20 @@ if triton is not None:
                     x_ptr, x_dbl_ptr, w_rows, bias, sample, route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
                     channel, channel_mask, state, state_mask, height, width, dim, rank, n_state, SLICE)
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+                C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
                 inputs = (dt * x)[:, None, :] * B[None, :, :]
                 entering = tl.load(checkpoint_rows + chunk * n_state * dim, mask=channel_state_mask, other=0.0)
                 states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), inputs, entering)
 
-                # the adjoint scan in reversed step order: g_t = C_t dy_t + decay_{t+1} g_{t+1}
-                back = chunk * CHUNK_STEPS + (CHUNK_STEPS - 1) - tl.arange(0, CHUNK_STEPS)
-                back_position, back_mask = _route_positions(route, back, height, width)
-                back_rows = sample * length + back_position
-                dy_back = tl.load(dy_ptr + back_rows[None, :] * dim + channel[:, None],
-                                  mask=channel_mask[:, None] & back_mask[None, :], other=0.0).to(tl.float32)
-                C_back = _row_values(x_dbl_ptr + (back_rows * 4 + route) * row_width, rank + n_state, state, state_mask,
-                                     back_mask)
-                next_position, next_mask = _route_positions(route, back + 1, height, width)
-                next_rows = sample * length + next_position
-                dt_next, _ = _dt(w_rows, x_dbl_ptr + (next_rows * 4 + route) * row_width, bias, channel_mask, next_mask,
-                                 rank, SLICE)
-                adjoints_back = _chunk_states(tl.exp(dt_next[:, None, :] * A[:, :, None]),
-                                              dy_back[:, None, :] * C_back[None, :, :], adjoint_after)
-                adjoint_after = _last_step(adjoints_back)
+                # the adjoint scan in reversed step order: g_t = C_t dy_t + decay_{t+1} g_{t+1}. Reversed step j is
+                # step CHUNK_STEPS - 1 - j and takes the decay of step CHUNK_STEPS - j; j = 0 takes none, the chunk
+                # to the right enters as decay_{t+1} g_{t+1} (adjoint_after)
+                back_dt = tl.where(back_step == 0, 0.0, tl.gather(dt, shifted_back, axis=1))
+                back_inputs = (tl.gather(dy, reversed_steps, axis=1)[:, None, :]
+                               * tl.gather(C, reversed_states, axis=1)[None, :, :])
+                adjoints_back = _chunk_states(tl.exp(back_dt[:, None, :] * A[:, :, None]), back_inputs, adjoint_after)
+                first_dt = tl.sum(tl.where(back_step == 0, dt, 0.0), axis=1)
+                adjoint_after = tl.exp(first_dt[:, None] * A) * _last_step(adjoints_back)
                 adjoints = tl.flip(adjoints_back, 2)
 
                 # dL/d(dt_t A) = g_t decay_t h_{t-1} = g_t (h_t - input_t)
