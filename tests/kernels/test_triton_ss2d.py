@@ -185,8 +185,10 @@ def test_kernels_compile_for_sm90(d_state, routes):
                      CHUNK_STEPS=triton_ss2d.chunk_steps(d_state),
                      SLICE=triton_ss2d.RANK_SLICE, ROUTES=routes)
     fp32 = ("w_ptr", "bias_ptr", "A_log_ptr", "Ds_ptr")
-    forward = dict(x_ptr="*fp16", x_dbl_ptr="*fp16", **{name: "*fp32" for name in fp32 + ("y_ptr", "checkpoint_ptr")})
-    backward = dict(dy_ptr="*fp32", x_ptr="*fp16", x_dbl_ptr="*fp16", dx_ptr="*fp16" if routes == 4 else "*fp32",
+    forward = dict(positions_ptr="*i32", x_ptr="*fp16", x_dbl_ptr="*fp16",
+                   **{name: "*fp32" for name in fp32 + ("y_ptr", "checkpoint_ptr")})
+    backward = dict(positions_ptr="*i32", dy_ptr="*fp32", x_ptr="*fp16", x_dbl_ptr="*fp16",
+                    dx_ptr="*fp16" if routes == 4 else "*fp32",
                     **{name: "*fp32" for name in fp32 + ("checkpoint_ptr", "dx_sum_ptr", "d_rows_ptr", "dw_ptr",
                                                          "dbias_ptr", "dA_log_ptr", "dDs_ptr")})
     for kernel, pointers, warps in ((triton_ss2d._ss2d_fwd_kernel, forward, triton_ss2d.FORWARD_WARPS),

@@ -8,8 +8,9 @@ Inputs as the ops take them: x (B, H, W, D) channels-last, x_dbl (B, H, W, 4, R 
 Layout. One program owns a block of up to BLOCK_D channels of one sample and walks the four cross2d routes in turn,
 each in chunks of steps, with the chunk as (channels, states, steps) tiles in registers (the pieces of
 triton_scan.py: a chunk's recurrence is one associative scan, entered with the state the previous chunk ended in).
-A step's position in its route comes from the index map (row-major, column-major and their reverses) computed from
-the step number, so x, y, dy and dx are read and written in place in the (B, H, W, D) maps, BLOCK_D contiguous
+A step's position in its route comes from a (4, H * W) int32 table of the routes' raster positions (row-major,
+column-major and their reverses; built once per map size and kept), read per chunk rather than divided out of the step
+number at every step, so x, y, dy and dx are read and written in place in the (B, H, W, D) maps, BLOCK_D contiguous
 channels per position: no (B, 4, D, L) route copies. dt = softplus(W_dt r + bias) is computed per chunk from the
 chunk's x_dbl rank values r with `tl.dot`s over slices of RANK_SLICE ranks, in full fp32 (not TF32: dt enters
 exp(sum dt A) over thousands of steps).
@@ -42,6 +43,7 @@ imported): that is how the tests check them on machines without a GPU.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -154,13 +156,11 @@ if triton is not None:
     from .triton_scan import _chunk_states, _last_step, _softplus, _softplus_slope
 
     @triton.jit
-    def _route_positions(route, step, height, width):
-        """Raster positions (h * W + w) cross2d route `route` visits at `step`s and which steps exist: odd routes
-        walk the map column-major, routes 2 and 3 walk their order backwards."""
-        length = height * width
-        along = tl.where(route >= 2, length - 1 - step, step)
-        position = tl.where(route % 2 == 1, (along % height) * width + along // height, along)
-        return position, (step >= 0) & (step < length)
+    def _route_positions(positions_ptr, route, step, length):
+        """Raster positions (h * W + w) cross2d route `route` visits at `step`s, read from the routes' table
+        (_route_table), and which steps exist."""
+        exists = (step >= 0) & (step < length)
+        return tl.load(positions_ptr + route * length + step, mask=exists, other=0), exists
 
     @triton.jit
     def _row_values(entries, first, index, index_mask, step_mask):
@@ -207,12 +207,12 @@ if triton is not None:
         return w_ptr + rows * rank, bias, A, D, checkpoint_rows
 
     @triton.jit
-    def _chunk_inputs(x_ptr, x_dbl_ptr, w_rows, bias, sample, route, step, channel, channel_mask, state, state_mask,
-                      height, width, dim, rank, n_state, SLICE: tl.constexpr):
+    def _chunk_inputs(positions_ptr, x_ptr, x_dbl_ptr, w_rows, bias, sample, route, step, channel, channel_mask, state,
+                      state_mask, height, width, dim, rank, n_state, SLICE: tl.constexpr):
         """What the forward and the backward read for a chunk of `step`s of a route: the steps' raster positions and
         mask, the (channels, steps) mask and offsets into the maps, x in fp32, pointers to the steps' x_dbl rows,
         (dt, its pre-activation) and B (states, steps)."""
-        position, step_mask = _route_positions(route, step, height, width)
+        position, step_mask = _route_positions(positions_ptr, route, step, height * width)
         rows = sample * height * width + position
         mask = channel_mask[:, None] & step_mask[None, :]
         offsets = rows[None, :] * dim + channel[:, None]
@@ -224,7 +224,7 @@ if triton is not None:
 
     @triton.jit
     def _ss2d_fwd_kernel(
-        x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, y_ptr, checkpoint_ptr,
+        positions_ptr, x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, y_ptr, checkpoint_ptr,
         height, width, dim, rank, n_state, num_chunks,
         BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
         ROUTES: tl.constexpr,
@@ -242,8 +242,9 @@ if triton is not None:
             for chunk in range(num_chunks):
                 tl.store(checkpoint_rows + chunk * n_state * dim, h, mask=channel_state_mask)
                 _, step_mask, mask, offsets, x, entries, dt, _, B = _chunk_inputs(
-                    x_ptr, x_dbl_ptr, w_rows, bias, sample, route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
-                    channel, channel_mask, state, state_mask, height, width, dim, rank, n_state, SLICE)
+                    positions_ptr, x_ptr, x_dbl_ptr, w_rows, bias, sample, route,
+                    chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS), channel, channel_mask, state, state_mask, height,
+                    width, dim, rank, n_state, SLICE)
                 C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
                 states = _chunk_states(tl.exp(dt[:, None, :] * A[:, :, None]), (dt * x)[:, None, :] * B[None, :, :], h)
                 y = tl.sum(states * C[None, :, :], axis=1) + D[:, None] * x
@@ -255,7 +256,7 @@ if triton is not None:
 
     @triton.jit
     def _ss2d_bwd_kernel(
-        dy_ptr, x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr,
+        positions_ptr, dy_ptr, x_ptr, x_dbl_ptr, w_ptr, bias_ptr, A_log_ptr, Ds_ptr, checkpoint_ptr,
         dx_sum_ptr, dx_ptr, d_rows_ptr, dw_ptr, dbias_ptr, dA_log_ptr, dDs_ptr,
         height, width, dim, rank, n_state, num_chunks,
         BLOCK: tl.constexpr, N_PAD: tl.constexpr, CHUNK_STEPS: tl.constexpr, SLICE: tl.constexpr,
@@ -291,8 +292,9 @@ if triton is not None:
             for reversed_chunk in range(num_chunks):
                 chunk = num_chunks - 1 - reversed_chunk
                 position, step_mask, mask, offsets, x, entries, dt, pre_activation, B = _chunk_inputs(
-                    x_ptr, x_dbl_ptr, w_rows, bias, sample, route, chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS),
-                    channel, channel_mask, state, state_mask, height, width, dim, rank, n_state, SLICE)
+                    positions_ptr, x_ptr, x_dbl_ptr, w_rows, bias, sample, route,
+                    chunk * CHUNK_STEPS + tl.arange(0, CHUNK_STEPS), channel, channel_mask, state, state_mask, height,
+                    width, dim, rank, n_state, SLICE)
                 dy = tl.load(dy_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
                 C = _row_values(entries, rank + n_state, state, state_mask, step_mask)
                 inputs = (dt * x)[:, None, :] * B[None, :, :]
@@ -361,6 +363,16 @@ def routes_per_program(x, channel_blocks: int) -> int:
     return K if x.shape[0] * channel_blocks >= sm_count else 1
 
 
+@functools.lru_cache(maxsize=32)
+def _route_table(height: int, width: int, device: torch.device) -> torch.Tensor:
+    """(4, H * W) int32: the raster position (h * W + w) each cross2d route visits at each step (row-major,
+    column-major, both reversed), which the kernels read rather than divide by H at every step; kept per map size and
+    device."""
+    raster = torch.arange(height * width, dtype=torch.int32, device=device).view(height, width)
+    rows, columns = raster.flatten(), raster.t().flatten()
+    return torch.stack((rows, columns, rows.flip(0), columns.flip(0)))
+
+
 def _launch_sizes(x, dt_weight, A_log, routes):
     """The grid, the kernels' size arguments and their constexpr sizes for a call walking `routes` routes per
     program (None: routes_per_program)."""
@@ -389,8 +401,8 @@ def forward(x, x_dbl, dt_weight, dt_bias, A_log, Ds, routes: Optional[int] = Non
     grid, sizes, constants = _launch_sizes(x, dt_weight, A_log, routes)
     y = x.new_empty((grid[2],) + x.shape, dtype=torch.float32)  # one map per group of routes
     with triton_scan._launch_context(x):
-        _ss2d_fwd_kernel[grid](x, x_dbl, dt_weight, dt_bias, A_log, Ds, y, checkpoints, *sizes, **constants,
-                               num_warps=FORWARD_WARPS)
+        _ss2d_fwd_kernel[grid](_route_table(*x.shape[1:3], x.device), x, x_dbl, dt_weight, dt_bias, A_log, Ds, y,
+                               checkpoints, *sizes, **constants, num_warps=FORWARD_WARPS)
     return y[0] if grid[2] == 1 else y.sum(0), checkpoints
 
 
@@ -425,8 +437,8 @@ def backward(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints, routes: O
     dA_log = A_log.new_empty((batch,) + A_log.shape)
     dDs = Ds.new_empty((batch,) + Ds.shape)
     with triton_scan._launch_context(x):
-        _ss2d_bwd_kernel[grid](dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, checkpoints,
-                               dx_sum, dx, d_rows, dw, dbias, dA_log, dDs, *sizes, **constants,
+        _ss2d_bwd_kernel[grid](_route_table(*x.shape[1:3], x.device), dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds,
+                               checkpoints, dx_sum, dx, d_rows, dw, dbias, dA_log, dDs, *sizes, **constants,
                                num_warps=BACKWARD_WARPS)
     dx_dbl = d_rows.squeeze(1) if blocks == 1 else d_rows.sum(1).to(x_dbl.dtype)
     if groups > 1:
