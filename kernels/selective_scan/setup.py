@@ -123,7 +123,8 @@ def chosen_archs(cuda_home: str):
 # the longest compile first: ninja starts them in this order
 CPU_SOURCES = ["csrc/cpu/scan_cpu.cpp", "csrc/ops.cpp", "csrc/cpu/ss2d_cpu.cpp"]
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/scan_fwd.cu", "csrc/scan_bwd.cu", "csrc/ss2d_bindings.cpp",
-                "csrc/ss2d_fused_fwd.cu", "csrc/ss2d_fused_bwd.cu", "csrc/ss2d_segments.cu", "csrc/layer_norm.cu"]
+                "csrc/ss2d_fused_fwd.cu", "csrc/ss2d_fused_bwd.cu", "csrc/ss2d_states_bwd.cu", "csrc/ss2d_states_fwd.cu",
+                "csrc/ss2d_segments.cu", "csrc/layer_norm.cu"]
 
 
 def cxx_flags(build_info: str):

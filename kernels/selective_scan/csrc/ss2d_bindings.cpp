@@ -1,4 +1,5 @@
-// Registers the fused SS2D kernels (ss2d_fused_*.cu, ss2d_segments.cu) as the CUDA dispatcher ops
+// Registers the fused SS2D kernels (d_state 1: ss2d_fused_*.cu, ss2d_segments.cu; 2..16: ss2d_states_*.cu) as the
+// CUDA dispatcher ops
 // selective_scan_ss2d::fwd / ::bwd (schemas in ops.cpp): argument checks, segment planning, allocation and
 // launch. The public op (fake kernel, autograd rule, user-facing validation, PyTorch reference) is
 // selective_scan/ss2d.py, the CPU kernels cpu/ss2d_cpu.cpp; these checks only keep a bad call from reaching a
@@ -46,13 +47,15 @@ struct Problem {
   ScalarKind kind;  // x's dtype
 };
 
-// x (B, H, W, D); x_dbl (B, H, W, K * (R + 2)) of x's dtype; dt_weight (K, D, R), dt_bias (K, D), A_log (K * D, 1)
+// x (B, H, W, D); x_dbl (B, H, W, K * (R + 2N)) of x's dtype; dt_weight (K, D, R), dt_bias (K, D), A_log (K * D, N)
 // and Ds (K * D) fp32: SS2D's parameters as stored.
 Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Tensor& dt_weight,
                      const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& Ds) {
   TORCH_CHECK(x.is_cuda() && x.dim() == 4 && x.is_contiguous(), "ss2d: `x` must be a contiguous (B, H, W, D) CUDA tensor");
   TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kRoutes, "ss2d: `dt_weight` must be (4, D, R)");
-  TORCH_CHECK(x_dbl.dim() == 4, "ss2d: `x_dbl` must be (B, H, W, 4 * (R + 2))");
+  TORCH_CHECK(x_dbl.dim() == 4, "ss2d: `x_dbl` must be (B, H, W, 4 * (R + 2N))");
+  TORCH_CHECK(A_log.dim() == 2 && A_log.size(0) == kRoutes * x.size(3), "ss2d: `A_log` must have shape (",
+              kRoutes * x.size(3), ", N), got ", shape_string(A_log.sizes()));
   Problem pr{};
   pr.kind = scalar_kind(x, "ss2d", "x");
   Shape& s = pr.s;
@@ -62,17 +65,24 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   s.dim = static_cast<int>(x.size(3));
   s.length = s.height * s.width;
   s.rank = static_cast<int>(dt_weight.size(2));
+  s.d_state = static_cast<int>(A_log.size(1));
+  TORCH_CHECK(s.d_state >= 1 && s.d_state <= kMaxDState, "ss2d: d_state is ", s.d_state,
+              "; the fused CUDA kernels support 1 to ", kMaxDState);
+  // d_state 1 holds a route's row in kv floats (kv_for_rank); more states hold any rank up to the same limit
   pr.kv = kv_for_rank(s.rank);
-  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", s.rank, " is not supported (R + 2 must be at most ", kWidestRow, ")");
-  check(x_dbl, "x_dbl", x.scalar_type(), {x.size(0), x.size(1), x.size(2), kRoutes * (s.rank + 2)}, x);
+  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", s.rank, " is not supported (at most ", kWidestRow - 2, ")");
+  const int width = s.rank + 2 * s.d_state;
+  check(x_dbl, "x_dbl", x.scalar_type(), {x.size(0), x.size(1), x.size(2), kRoutes * width}, x);
   check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
   check(dt_bias, "dt_bias", at::kFloat, {kRoutes, x.size(3)}, x);
-  check(A_log, "A_log", at::kFloat, {kRoutes * x.size(3), 1}, x);
+  check(A_log, "A_log", at::kFloat, {kRoutes * x.size(3), s.d_state}, x);
   check(Ds, "Ds", at::kFloat, {kRoutes * x.size(3)}, x);
   s.groups = (s.dim + kLanes - 1) / kLanes;
-  s.num_chunks = (s.length + chunk_for_kv(pr.kv) - 1) / chunk_for_kv(pr.kv);
+  const int chunk = s.d_state == 1 ? chunk_for_kv(pr.kv) : kStatesChunk;
+  s.num_chunks = (s.length + chunk - 1) / chunk;
   // positions * D and per-position offsets are 32-bit in the kernels; blocks are one grid dimension
-  TORCH_CHECK(x.size(1) * x.size(2) * std::max<int64_t>(x.size(3), kRoutes * pr.kv) < (int64_t(1) << 31) &&
+  TORCH_CHECK(x.size(1) * x.size(2) * std::max<int64_t>(x.size(3), kRoutes * std::max(pr.kv, width)) <
+                      (int64_t(1) << 31) &&
                   x.size(0) * s.groups * s.num_chunks < (int64_t(1) << 31),
               "ss2d: the map is too large for the kernel");
   return pr;
@@ -94,6 +104,20 @@ GpuSize gpu_size(int device) {
               "ss2d: cannot query the GPU's SM count and L2 size");
   known.emplace(device, size);
   return size;
+}
+
+// The checkpoints' shape: (B, K, chunks, D) for d_state 1, (B, K, chunks, N, D) for more.
+std::vector<int64_t> checkpoint_sizes(const Shape& s) {
+  if (s.d_state == 1) return {s.batch, kRoutes, s.num_chunks, s.dim};
+  return {s.batch, kRoutes, s.num_chunks, s.d_state, s.dim};
+}
+
+// The N > 1 kernels run unsegmented.
+Shape unsegmented(const Shape& shape) {
+  Shape s = shape;
+  s.segment_chunks = s.num_chunks;
+  s.num_segments = 1;
+  return s;
 }
 
 // Segments for a kernel resident at blocks_per_sm blocks per SM that keeps live_bytes_per_element bytes per
@@ -145,20 +169,25 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& x, const at::Tensor& x_
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   auto y = at::zeros(x.sizes(), f32);
-  auto ckpt = at::empty({pr.s.batch, kRoutes, pr.s.num_chunks, pr.s.dim}, f32);
+  auto ckpt = at::empty(checkpoint_sizes(pr.s), f32);
   if (x.numel() == 0) return {y, ckpt};
-  // live in L2 per element: y (fp32), x, the element's share of the x_dbl rows
-  const double row_bytes = kRoutes * (pr.s.rank + 2.0) * x.element_size();
-  const Shape s =
-      segmented(pr, x.get_device(), kFwdWarpsPerSm / kRoutes, 4.0 + x.element_size() + row_bytes / pr.s.dim);
-  const auto start = segment_starts(pr, s, false, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
+  Shape s = unsegmented(pr.s);
+  at::Tensor start;
+  if (s.d_state == 1) {
+    // live in L2 per element: y (fp32), x, the element's share of the x_dbl rows
+    const double row_bytes = kRoutes * (s.rank + 2.0) * x.element_size();
+    s = segmented(pr, x.get_device(), kFwdWarpsPerSm / kRoutes, 4.0 + x.element_size() + row_bytes / s.dim);
+    start = segment_starts(pr, s, false, x, x_dbl, dt_weight, dt_bias, A_log, Ds);
+  }
   FwdParams p{};
   set_inputs(p, s, x_dbl, dt_weight, dt_bias, A_log, Ds);
   p.x = x.data_ptr();
   p.start = data_or_null(start);
   p.y = y.data_ptr<float>();
   p.ckpt = ckpt.data_ptr<float>();
-  const cudaError_t status = launch_ss2d_fwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaError_t status =
+      s.d_state == 1 ? launch_ss2d_fwd(p, pr.kind, pr.kv, stream) : launch_ss2d_states_fwd(p, pr.kind, stream);
   TORCH_CHECK(status == cudaSuccess, "ss2d: forward launch failed: ", cudaGetErrorString(status));
   return {y, ckpt};
 }
@@ -169,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const Problem pr = make_problem(x, x_dbl, dt_weight, dt_bias, A_log, Ds);
   const Shape& s = pr.s;
   check(dy, "dy", at::kFloat, x.sizes().vec(), x);
-  check(ckpt, "ckpt", at::kFloat, {s.batch, kRoutes, s.num_chunks, s.dim}, x);
+  check(ckpt, "ckpt", at::kFloat, checkpoint_sizes(s), x);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto f32 = x.options().dtype(at::kFloat);
   // each route's part of dx, written once per element by the kernel and summed below
@@ -180,12 +209,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   auto dA_log = at::zeros_like(A_log);
   auto dDs = at::zeros_like(Ds);
   if (x.numel() > 0) {
-    // live in L2 per element: dy (fp32), x, the four routes' du lines until written back, the element's share of
-    // the x_dbl rows and their fp32 gradient
-    const double row_bytes = kRoutes * (s.rank + 2.0) * (x.element_size() + 4.0);
-    const Shape segs =
-        segmented(pr, x.get_device(), kBwdBlocksPerSm, 4.0 + (1 + kRoutes) * x.element_size() + row_bytes / s.dim);
-    const auto start = segment_starts(pr, segs, true, dy, x_dbl, dt_weight, dt_bias, A_log, Ds);
+    Shape segs = unsegmented(s);
+    at::Tensor start;
+    if (s.d_state == 1) {
+      // live in L2 per element: dy (fp32), x, the four routes' du lines until written back, the element's share
+      // of the x_dbl rows and their fp32 gradient
+      const double row_bytes = kRoutes * (s.rank + 2.0) * (x.element_size() + 4.0);
+      segs = segmented(pr, x.get_device(), kBwdBlocksPerSm,
+                       4.0 + (1 + kRoutes) * x.element_size() + row_bytes / s.dim);
+      start = segment_starts(pr, segs, true, dy, x_dbl, dt_weight, dt_bias, A_log, Ds);
+    }
     BwdParams p{};
     set_inputs(p, segs, x_dbl, dt_weight, dt_bias, A_log, Ds);
     p.x = x.data_ptr();
@@ -198,7 +231,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     p.ddt_bias = ddt_bias.data_ptr<float>();
     p.dA_log = dA_log.data_ptr<float>();
     p.dDs = dDs.data_ptr<float>();
-    const cudaError_t status = launch_ss2d_bwd(p, pr.kind, pr.kv, c10::cuda::getCurrentCUDAStream().stream());
+    const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+    const cudaError_t status =
+        s.d_state == 1 ? launch_ss2d_bwd(p, pr.kind, pr.kv, stream) : launch_ss2d_states_bwd(p, pr.kind, stream);
     TORCH_CHECK(status == cudaSuccess, "ss2d: backward launch failed: ", cudaGetErrorString(status));
   }
   // one pass over the four maps; for 16-bit x, at::sum adds in fp32 and rounds once

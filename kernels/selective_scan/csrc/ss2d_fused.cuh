@@ -1,4 +1,5 @@
-// Fused SS2D core for VMamba's v2 blocks (cross2d routes, d_state N = 1): the four routes' selective scans
+// Fused SS2D core for VMamba's v2 blocks (cross2d routes, d_state N = 1; N = 2..16 in ss2d_states.cuh): the four
+// routes' selective scans
 // read the channels-last activation x (B, H, W, D) in place through their index maps, compute
 // dt = softplus(W_dt x_dbl + bias) per step, and add their outputs into one fp32 (B, H, W, D) map. Nothing of
 // size (B, 4, D, L) is materialised. The x_proj GEMM and its backward stay in PyTorch: a route permutation
@@ -75,13 +76,18 @@ constexpr int kTileWarps = 8;
 constexpr int kMinTiledChunks = 64;
 // Shortest segment, in chunks: the summary pass and the walk over summaries cost a few steps per segment.
 constexpr int kMinSegmentChunks = 4;
+// N > 1 (ss2d_states.cuh): steps between saved states (ss2d.py checkpoint_chunk mirrors it), and steps per load
+// batch and per group of states the backward keeps in shared memory.
+constexpr int kStatesChunk = 64;
+constexpr int kStatesStep = 8;
 
 struct Shape {
   int batch, height, width, length, dim;  // length L = H * W, dim = D channels
-  int rank;                               // R, dt rank (<= kV - 2); x_dbl rows are R + 2 values
+  int rank;                               // R, dt rank (<= kV - 2 for N = 1); x_dbl rows are R + 2N values
   int groups;                             // ceil(D / 32) channel groups
   int num_chunks;                         // ceil(L / chunk)
   int segment_chunks, num_segments;       // chunks per segment (the last may be shorter), ceil(chunks / that)
+  int d_state;                            // N
 };
 
 // Cuts each route into segments (sets segment_chunks, num_segments). A grid of one block per (batch, channel
@@ -107,14 +113,14 @@ inline void plan_segments(Shape& s, long resident_blocks, long l2_bytes, double 
 struct FwdParams {
   Shape s;
   const void* x;           // (B, L, D), input dtype
-  const void* xdbl;        // (B, L, K, R + 2), x's dtype
+  const void* xdbl;        // (B, L, K, R + 2N), x's dtype
   const float* dt_weight;  // (K, D, R)
   const float* dt_bias;    // (K, D)
-  const float* A_log;      // (K, D); A = -exp(A_log)
+  const float* A_log;      // (K D, N); A = -exp(A_log)
   const float* Ds;         // (K, D)
   const float* start;      // (B, K, num_segments, D): state entering each segment; null for one segment
   float* y;                // (B, L, D), zero-initialised, accumulated with atomics
-  float* ckpt;             // (B, K, num_chunks, D): state entering each chunk
+  float* ckpt;             // (B, K, num_chunks, D) (N > 1: (B, K, num_chunks, N, D)): state entering each chunk
 };
 
 struct BwdParams {
@@ -132,7 +138,7 @@ struct BwdParams {
   float* dxdbl;            // (B, L, K, R + 2), zero-initialised
   float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
   float* ddt_bias;         // (K, D), zero-initialised
-  float* dA_log;           // (K, D), zero-initialised
+  float* dA_log;           // (K D, N), zero-initialised
   float* dDs;              // (K, D), zero-initialised
 };
 
@@ -155,6 +161,9 @@ cudaError_t launch_ss2d_bwd(const BwdParams& p, ScalarKind dtype, int kv, cudaSt
 // fp32) entering each segment; `dtype` is x's (and x_dbl's).
 cudaError_t launch_ss2d_segment_starts(const SegmentParams& p, ScalarKind dtype, int kv, bool reverse,
                                        cudaStream_t stream);
+// N = 2..16 (p.s.d_state; ss2d_states_*.cu), unsegmented
+cudaError_t launch_ss2d_states_fwd(const FwdParams& p, ScalarKind dtype, cudaStream_t stream);
+cudaError_t launch_ss2d_states_bwd(const BwdParams& p, ScalarKind dtype, cudaStream_t stream);
 
 // The sets of four routes, one per (batch, segment, channel group) (BlockLayout counts its blocks from them).
 inline unsigned num_route_sets(const Shape& s) {

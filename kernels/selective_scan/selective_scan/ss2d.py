@@ -7,8 +7,8 @@ Three implementations of the same function, side by side:
   (a route permutation commutes with a position-wise linear map; x_proj_weight is the GEMM's weight as stored),
   then `scan_routes`: the dispatcher op `selective_scan_ss2d::fwd` walks every route through its index map,
   computes dt = softplus(W_dt x_dbl + bias) per step and adds the four outputs into one fp32 map; its backward
-  is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu (d_state 1, dt rank up to MAX_RANK: every stage of
-  the published v2 models), CPU kernels in csrc/cpu/ss2d_cpu.cpp (any d_state and rank, so the v0 models too);
+  is `selective_scan_ss2d::bwd`. CUDA kernels in csrc/ss2d_*.cu (d_state 1 to MAX_D_STATE, dt rank up to MAX_RANK:
+  every stage of the published v0 and v2 models), CPU kernels in csrc/cpu/ss2d_cpu.cpp (any d_state and rank);
   without a compiled kernel for the device the reference below is the op's kernel. Cross2d routes. Triton kernels
   (triton_ss2d.py: d_state up to 16, the same dt ranks) are the ops' CUDA kernel where the extension has none
   (registered at import, ops.py says when); `scan_routes(..., impl="triton")` runs them directly.
@@ -38,16 +38,19 @@ from .cross_scan import ROUTE_SETS, cross_merge, cross_scan, route_positions
 from .ops import kernel_runs_on, triton_is_cuda_kernel  # one answer for every op family (ops.TRITON_FOR_CUDA)
 
 __all__ = ["ss2d_core", "select_core", "fused_unsupported_reason", "unfused_scan_inputs", "project", "scan_routes",
-           "scan_routes_reference", "triton_is_cuda_kernel", "BACKENDS", "MAX_RANK"]
+           "scan_routes_reference", "triton_is_cuda_kernel", "BACKENDS", "MAX_RANK", "MAX_D_STATE"]
 
 K = 4
-MAX_RANK = 66  # the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 68 floats (kWidestRow)
+MAX_RANK = 66  # at d_state 1 the CUDA kernels hold a route's x_dbl row (R + 2 values) in at most 68 floats
+MAX_D_STATE = 16  # the CUDA kernels' kMaxDState
 BACKENDS = ("fused", "unfused", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 # The CPU kernel saves the state entering each chunk of this many steps of a route (kChunk in
 # csrc/cpu/ss2d_cpu.cpp).
 CPU_CHUNK = 64
+# The CUDA kernels for d_state above 1 do the same every STATES_CHUNK steps (kStatesChunk in csrc/ss2d_fused.cuh).
+STATES_CHUNK = 64
 
 ops.define_ops("selective_scan_ss2d", [
     "fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> (Tensor, Tensor)",
@@ -62,12 +65,24 @@ if ops.TRITON_FOR_CUDA:
     ops.impl_triton_cuda("selective_scan_ss2d", triton_ss2d.forward, triton_ss2d.backward)
 
 
-def checkpoint_chunk(rank: int, device: torch.device) -> int:
-    """Steps between the states the compiled forward saves for its backward, for dt rank `rank` (on CUDA:
-    kv_for_rank and chunk_for_kv in csrc/ss2d_fused.cuh)."""
+def checkpoint_chunk(rank: int, device: torch.device, d_state: int = 1) -> int:
+    """Steps between the states the compiled forward saves for its backward, for dt rank `rank` and `d_state`
+    states (on CUDA at d_state 1: kv_for_rank and chunk_for_kv in csrc/ss2d_fused.cuh)."""
     if device.type == "cpu":
         return CPU_CHUNK
+    if d_state > 1:
+        return STATES_CHUNK
     return 16 if rank + 2 <= 8 else 8 if rank + 2 <= 32 else 4
+
+
+def checkpoint_shape(x_shape, rank: int, d_state: int, device: torch.device) -> tuple:
+    """Shape of the checkpoints the compiled forward saves for x of shape (B, H, W, D): (B, 4, chunks, N, D), or
+    (B, 4, chunks, D) for the CUDA kernels at d_state 1."""
+    batch, height, width, dim = x_shape
+    chunks = -(-height * width // checkpoint_chunk(rank, device, d_state))
+    if device.type == "cuda" and d_state == 1:
+        return batch, K, chunks, dim
+    return batch, K, chunks, d_state, dim
 
 
 def project(x_last: Tensor, x_proj_weight: Tensor) -> Tensor:
@@ -174,16 +189,13 @@ def _bwd_reference(dy, x, x_dbl, dt_weight, dt_bias, A_log, Ds, ckpt):
 
 @torch.library.register_fake("selective_scan_ss2d::fwd")
 def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
-    batch, height, width, dim = x.shape
     y = x.new_empty(x.shape, dtype=torch.float32)
     if not kernel_runs_on(x.device):
         return y, x.new_empty(0, dtype=torch.float32)
     if x.device.type == "cuda" and triton_is_cuda_kernel():
         return y, x.new_empty(triton_ss2d.checkpoint_shape(x.shape, A_log.shape[1]), dtype=torch.float32)
-    chunks = -(-height * width // checkpoint_chunk(dt_weight.shape[2], x.device))
-    if x.device.type == "cpu":
-        return y, x.new_empty((batch, K, chunks, A_log.shape[1], dim), dtype=torch.float32)
-    return y, x.new_empty((batch, K, chunks, dim), dtype=torch.float32)
+    return y, x.new_empty(checkpoint_shape(x.shape, dt_weight.shape[2], A_log.shape[1], x.device),
+                          dtype=torch.float32)
 
 
 @torch.library.register_fake("selective_scan_ss2d::bwd")
@@ -321,11 +333,10 @@ def fused_unsupported_reason(rank: int, d_state: int, routes: str = "cross2d", x
         if rank > triton_ss2d.MAX_RANK:
             return f"dt rank {rank} is above the fused Triton kernels' {triton_ss2d.MAX_RANK}"
     elif x is None or x.is_cuda:
-        if d_state != 1:
-            return f"d_state is {d_state}; the fused CUDA kernel supports d_state 1"
+        if d_state > MAX_D_STATE:
+            return f"d_state is {d_state}; the fused CUDA kernels support at most {MAX_D_STATE}"
         if rank > MAX_RANK:
-            return (f"dt rank {rank} needs x_dbl rows of {rank + 2} values; the fused CUDA kernel holds at most "
-                    f"{MAX_RANK + 2}")
+            return f"dt rank {rank} is above the fused CUDA kernels' {MAX_RANK}"
     if x is None:
         return None
     if x.dtype not in _DTYPES:
