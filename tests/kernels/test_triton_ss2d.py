@@ -203,7 +203,7 @@ def test_the_extensions_cuda_kernels_stay_the_fused_ops_kernels():
     if not selective_scan.extension_built():
         pytest.skip(f"the extension has no CUDA kernels ({selective_scan.build_info()})")
     assert not ss2d.triton_is_cuda_kernel()
-    assert "d_state is 16" in ss2d.fused_unsupported_reason(6, 16)  # the CUDA kernels' limits
+    assert "the fused CUDA kernels support at most 16" in ss2d.fused_unsupported_reason(6, 17)  # their limits
 
 
 WITHOUT_EXTENSION = textwrap.dedent("""
@@ -228,7 +228,8 @@ WITHOUT_EXTENSION = textwrap.dedent("""
     assert "d_state is 17" in ss2d.fused_unsupported_reason(6, 17, x=x)
     assert "dt rank 67" in ss2d.fused_unsupported_reason(67, 1, x=x)
     assert ss2d.select_core(x_cf, 6, 17) == "unfused"
-    assert "d_state is 16" in ss2d.fused_unsupported_reason(6, 16)  # without x: the CUDA kernels' limits still
+    # without x the CUDA kernels' limits still (the same numbers, their message)
+    assert "the fused CUDA kernels support at most 16" in ss2d.fused_unsupported_reason(6, 17)
     with fake:  # what torch.compile sees: the Triton forward's outputs
         x_dbl = torch.empty(2, 5, 7, 4 * (6 + 2 * 3), device="cuda", dtype=torch.float16)
         params = [torch.empty(4, 12, 6, device="cuda"), torch.empty(4, 12, device="cuda"),
