@@ -30,8 +30,7 @@ __device__ __forceinline__ long states_rows_offset(const Shape& s, const Task& t
   return static_cast<long>(task.b) * s.length * kRoutes * width + task.k * width;
 }
 
-// Per-(route, channel) constants and the shared-memory pieces every N > 1 kernel uses. Shared memory of one warp
-// (floats): rows [kStatesStep][stride], W_dt [rank_pad][32].
+// Per-(route, channel) constants.
 template <int kStates>
 struct StatesRoute {
   float A2[kStates];  // A[n] * log2(e), A = -exp(A_log); 0 for padding states and inactive lanes (decay 1)
@@ -56,7 +55,7 @@ __host__ __device__ __forceinline__ int states_row_stride(int states, int rank) 
   return 2 * states + states_rank_pad(rank);
 }
 
-// The warp's rows and W_dt in shared memory.
+// The warp's rows and W_dt in shared memory (floats): rows [kStatesStep][stride], W_dt [rank_pad][32].
 template <int kStates>
 struct StatesStage {
   float* rows;  // [kStatesStep][stride]: B, C, rank values

@@ -6,8 +6,12 @@
 namespace selective_scan {
 namespace ss2d {
 
+// Compiled for 24 resident warps per SM (80 registers on sm_90; VMamba's stage 1 at batch 128 is about 23 warps per
+// SM of an H100). Unbounded, ptxas spills on sm_89.
+constexpr int kStatesFwdWarpsPerSm = 24;
+
 template <typename T, int kStates>
-__global__ void __launch_bounds__(kLanes) ss2d_states_fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kLanes, kStatesFwdWarpsPerSm) ss2d_states_fwd_kernel(const FwdParams p) {
   extern __shared__ float4 shared_words[];
   const Shape& s = p.s;
   const Task task(s, blockIdx.x % kRoutes, blockIdx.x / kRoutes);
