@@ -2,9 +2,9 @@
 // dh_t[n] = C_t[n] dy_t + g_{t+1}[n], with the carry g_t[n] = a_t[n] dh_t[n]. Each warp walks its route's chunks
 // from the last. Per chunk it first walks the chunk forward from its checkpoint, keeping the states entering each
 // group of kStatesStep steps in shared memory; then, group by group from the last, it recomputes the group's
-// states (h_{t-1} of every step into shared memory, dt in registers) and walks the group in reverse. So each step's
-// forward runs twice more (at most once more for a chunk's last group), and a warp holds a chunk's group entries
-// and one group's states on chip: (kStatesChunk / kStatesStep + kStatesStep) x kStates floats per lane.
+// states (h_{t-1} of every step into shared memory, dt in registers) and walks the group in reverse. So the
+// backward recomputes each step's forward twice (a chunk's last group once), and a warp holds a chunk's group
+// entries and one group's states on chip: (kStatesChunk / kStatesStep + kStatesStep) x kStates floats per lane.
 //
 // Per step, the route's part of dx is stored into its own map du_k in x's dtype, as the N = 1 backward does (the
 // caller sums the four maps). The gradients of the route's x_dbl row ([d dt-rank values, dB, dC], each a sum over
