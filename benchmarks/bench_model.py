@@ -1,4 +1,4 @@
-"""Whole-model speed on one GPU: VMamba-T/S/B with the fused and the unfused SS2D core and Vanilla VMamba-T,
+"""Whole-model speed on one GPU: VMamba-T/S/B and Vanilla VMamba-T/S/B with the fused and the unfused SS2D core,
 beside timm's Swin-T, ConvNeXt-T and MambaOut-T.
 
     python benchmarks/bench_model.py [--models NAME ...] [--warmup 50] [--iters 30] [--compile] [--no-op]
@@ -8,8 +8,7 @@ Per model, analyze/tp.py's timing (the paper's protocol: batch 128 at 224 px, 50
 inference fp32 (eval, no_grad, no autocast), inference AMP (fp16 autocast), training AMP (forward,
 cross-entropy, backward, no optimizer step) and the training step's peak allocated memory. "fused" and
 "unfused" are the same VMamba built with `timm.create_model(name, ss2d_core="fused")` or `"unfused"` (the
-cross-scan, batched projections, selective scan and cross-merge as separate ops); Vanilla VMamba (d_state 16)
-runs unfused only. --compile adds torch.compile(model) rows for VMamba-T. Unless --no-op, the stage-1 SS2D core
+cross-scan, batched projections, selective scan and cross-merge as separate ops). --compile adds torch.compile(model) rows for VMamba-T. Unless --no-op, the stage-1 SS2D core
 alone follows (benchmarks/bench_ss2d.py --stages 1).
 
 The environment line names the kernels CUDA tensors run ("extension", or "triton" where the extension has no CUDA
@@ -29,7 +28,8 @@ from analyze.common import count_params, format_table
 from analyze.tp import MODES, time_mode
 from host_cost import tiny_op_us  # same directory
 
-VMAMBA = ("vmamba_tiny_s1l8", "vmamba_small_s2l15", "vmamba_base_s2l15", "vanilla_vmamba_tiny")
+VMAMBA = ("vmamba_tiny_s1l8", "vmamba_small_s2l15", "vmamba_base_s2l15", "vanilla_vmamba_tiny", "vanilla_vmamba_small",
+          "vanilla_vmamba_base")
 BASELINES = ("swin_tiny_patch4_window7_224", "convnext_tiny", "mambaout_tiny")
 
 
@@ -37,7 +37,7 @@ def variants(name, vmamba_names, with_compile):
     """(label, ss2d_core, compiled) for each row of model `name`."""
     if name not in vmamba_names:
         return [("timm", None, False)]
-    cores = ("unfused",) if name.startswith("vanilla_") else ("fused", "unfused")
+    cores = ("fused", "unfused")
     rows = [(core, core, False) for core in cores]
     if with_compile and name == VMAMBA[0]:
         rows += [(f"{core}+compile", core, True) for core in cores]
