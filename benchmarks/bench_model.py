@@ -8,8 +8,9 @@ Per model, analyze/tp.py's timing (the paper's protocol: batch 128 at 224 px, 50
 inference fp32 (eval, no_grad, no autocast), inference AMP (fp16 autocast), training AMP (forward,
 cross-entropy, backward, no optimizer step) and the training step's peak allocated memory. "fused" and
 "unfused" are the same VMamba built with `timm.create_model(name, ss2d_core="fused")` or `"unfused"` (the
-cross-scan, batched projections, selective scan and cross-merge as separate ops). --compile adds torch.compile(model) rows for VMamba-T. Unless --no-op, the stage-1 SS2D core
-alone follows (benchmarks/bench_ss2d.py --stages 1).
+cross-scan, batched projections, selective scan and cross-merge as separate ops). --compile adds
+torch.compile(model) rows for VMamba-T. Unless --no-op, the stage-1 SS2D core alone follows
+(benchmarks/bench_ss2d.py --stages 1).
 
 The environment line names the kernels CUDA tensors run ("extension", or "triton" where the extension has no CUDA
 kernels, e.g. with SELECTIVE_SCAN_NO_EXTENSION=1) and gives host_us_per_op, the host (CPU) time of one tiny CUDA op

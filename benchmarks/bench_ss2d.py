@@ -3,8 +3,8 @@
 Shapes: batch 128, d_model 96 * 2^i, D = ssm_ratio * d_model (ssm_ratio 1, VMamba-T [s1l8]: D = 96, 192, 384,
 768; 2 for VMamba-S/B and VMamba-T [s2l5]), dt rank ceil(d_model / 16) = 6, 12, 24, 48, map 56 / 2^i, d_state 1
 (--d-state 16 --ssm-ratio 2: Vanilla VMamba's), fp16 activations under autocast (the model's training setting);
---image 800 1333 --batch 2 gives the maps of a detection-size input. Both paths are `selective_scan.ss2d.ss2d_core` on x (B, D, H, W) in channels-last storage
-(the depthwise conv's output) and return the merged fp32 map:
+--image 800 1333 --batch 2 gives the maps of a detection-size input. Both paths are `selective_scan.ss2d.ss2d_core`
+on x (B, D, H, W) in channels-last storage (the depthwise conv's output) and return the merged fp32 map:
   unfused: backend="unfused" (cross-scan, batched x_proj / dt_proj GEMMs, the CUDA selective scan, cross-merge);
   fused:   backend="fused" (the x_dbl GEMM plus the fused kernels, docs/kernels.md);
   triton:  the same x_dbl GEMM plus the Triton kernels (selective_scan/triton_ss2d.py), called directly

@@ -444,6 +444,17 @@ def ss2d_module_grads(module, x, core, dtype, seed=2):
 MODULE_TOL = {torch.float32: (1e-3, 1e-3), torch.float16: (1e-2, 1e-2), torch.bfloat16: (5e-2, 5e-2)}
 
 
+def assert_module_cores_agree(module, x, dtype):
+    """The whole module's output and every gradient under autocast, fused core against the unfused one."""
+    y, grads = ss2d_module_grads(module, x, "fused", dtype)
+    y_ref, grads_ref = ss2d_module_grads(module, x, "unfused", dtype)
+    rtol, atol = MODULE_TOL[dtype]
+    assert_close(y, y_ref, rtol, atol, "y")
+    names = ["x"] + [n for n, _ in module.named_parameters()]
+    for name, g, g_ref in zip(names, grads, grads_ref):
+        assert_close(g, g_ref, rtol, atol, name)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("channel_first", [True, False], ids=["ln2d", "ln"])
 @pytest.mark.parametrize("config", [(24, 2.0, 9, 13), (96, 2.0, 14, 14), (200, 1.0, 7, 5)],
@@ -462,13 +473,7 @@ def test_fused_ss2d_module_matches_unfused(dtype, config, channel_first):
     assert module.core_for(torch.empty(1, module.d_inner, 2, 2, device="cuda")) == "fused"
     shape = (2, d_model, height, width) if channel_first else (2, height, width, d_model)
     x = torch.randn(shape, device="cuda")
-    y, grads = ss2d_module_grads(module, x, "fused", dtype)
-    y_ref, grads_ref = ss2d_module_grads(module, x, "unfused", dtype)
-    rtol, atol = MODULE_TOL[dtype]
-    assert_close(y, y_ref, rtol, atol, "y")
-    names = ["x"] + [n for n, _ in module.named_parameters()]
-    for name, g, g_ref in zip(names, grads, grads_ref):
-        assert_close(g, g_ref, rtol, atol, name)
+    assert_module_cores_agree(module, x, dtype)
 
 
 @pytest.mark.cuda
@@ -501,13 +506,7 @@ def test_fused_v0_ss2d_module_matches_unfused(dtype):
         module.Ds.normal_()
     assert module.core_for(torch.empty(1, module.d_inner, 2, 2, device="cuda")) == "fused"
     x = torch.randn(2, 13, 10, 48, device="cuda")
-    y, grads = ss2d_module_grads(module, x, "fused", dtype)
-    y_ref, grads_ref = ss2d_module_grads(module, x, "unfused", dtype)
-    rtol, atol = MODULE_TOL[dtype]
-    assert_close(y, y_ref, rtol, atol, "y")
-    names = ["x"] + [n for n, _ in module.named_parameters()]
-    for name, g, g_ref in zip(names, grads, grads_ref):
-        assert_close(g, g_ref, rtol, atol, name)
+    assert_module_cores_agree(module, x, dtype)
 
 
 @pytest.mark.cuda

@@ -135,7 +135,7 @@ struct BwdParams {
   const float* ckpt;
   const float* start;      // (B, K, num_segments, D): gradient carry entering each segment from its end
   void* du;                // (K, B, L, D) in x's dtype: each route's part of dx, every element written once
-  float* dxdbl;            // (B, L, K, R + 2), zero-initialised
+  float* dxdbl;            // (B, L, K, R + 2N), zero-initialised
   float* ddt_weight;       // (K, R, D), zero-initialised (lane-contiguous; transposed by the caller)
   float* ddt_bias;         // (K, D), zero-initialised
   float* dA_log;           // (K D, N), zero-initialised

@@ -22,8 +22,8 @@ Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused
 (the CPU whenever the extension is built; CUDA when it is built with CUDA, else when triton is installed) and take
 the call (`fused_unsupported_reason` is None); unfused otherwise, and always under jit tracing (fvcore's FLOP count
 keys on the unfused ops). On CUDA the extension's kernels for d_state 2 to 16 run only when asked for
-(`backend="fused"`; AUTO_CUDA_MAX_D_STATE says why), so the v0 models default to the unfused core there. Nothing falls back
-silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
+(`backend="fused"`; AUTO_CUDA_MAX_D_STATE says why), so the v0 models default to the unfused core there. Nothing
+falls back silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
 """
 
 from __future__ import annotations
@@ -82,8 +82,11 @@ def checkpoint_chunk(rank: int, device: torch.device, d_state: int = 1) -> int:
 
 
 def checkpoint_shape(x_shape, rank: int, d_state: int, device: torch.device) -> tuple:
-    """Shape of the checkpoints the compiled forward saves for x of shape (B, H, W, D): (B, 4, chunks, N, D), or
-    (B, 4, chunks, D) for the CUDA kernels at d_state 1."""
+    """Shape of the checkpoints the compiled forward (the extension's, or on CUDA the Triton one where it is the
+    ops' kernel) saves for x of shape (B, H, W, D): (B, 4, chunks, N, D), or (B, 4, chunks, D) for the extension's
+    CUDA kernels at d_state 1."""
+    if device.type == "cuda" and triton_is_cuda_kernel():
+        return triton_ss2d.checkpoint_shape(x_shape, d_state)
     batch, height, width, dim = x_shape
     chunks = -(-height * width // checkpoint_chunk(rank, device, d_state))
     if device.type == "cuda" and d_state == 1:
@@ -198,8 +201,6 @@ def _fwd_fake(x, x_dbl, dt_weight, dt_bias, A_log, Ds):
     y = x.new_empty(x.shape, dtype=torch.float32)
     if not kernel_runs_on(x.device):
         return y, x.new_empty(0, dtype=torch.float32)
-    if x.device.type == "cuda" and triton_is_cuda_kernel():
-        return y, x.new_empty(triton_ss2d.checkpoint_shape(x.shape, A_log.shape[1]), dtype=torch.float32)
     return y, x.new_empty(checkpoint_shape(x.shape, dt_weight.shape[2], A_log.shape[1], x.device),
                           dtype=torch.float32)
 

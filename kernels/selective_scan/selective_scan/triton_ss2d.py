@@ -49,6 +49,7 @@ from typing import Optional
 import torch
 
 from . import triton_scan
+from .cross_scan import route_positions
 
 try:
     import triton
@@ -56,8 +57,8 @@ try:
 except ImportError:  # CPU-only torch builds ship without triton
     triton = None
 
-__all__ = ["BLOCK_D", "RANK_SLICE", "channel_block", "MAX_D_STATE", "MAX_RANK", "available", "check_supported", "chunk_steps",
-           "checkpoint_shape", "routes_per_program", "forward", "backward"]
+__all__ = ["BLOCK_D", "RANK_SLICE", "channel_block", "MAX_D_STATE", "MAX_RANK", "available", "check_supported",
+           "chunk_steps", "checkpoint_shape", "routes_per_program", "forward", "backward"]
 
 # Channels per program: BLOCK_D, or MIN_BLOCK_D for more than MAX_STATES_WIDE_BLOCK states (compiled for sm_90, the
 # backward's 32-channel tiles spill past 4 states: 56 bytes per thread at 8, 664 at 16, none with 16 channels) and for
@@ -365,12 +366,9 @@ def routes_per_program(x, channel_blocks: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _route_table(height: int, width: int, device: torch.device) -> torch.Tensor:
-    """(4, H * W) int32: the raster position (h * W + w) each cross2d route visits at each step (row-major,
-    column-major, both reversed), which the kernels read rather than divide by H at every step; kept per map size and
-    device."""
-    raster = torch.arange(height * width, dtype=torch.int32, device=device).view(height, width)
-    rows, columns = raster.flatten(), raster.t().flatten()
-    return torch.stack((rows, columns, rows.flip(0), columns.flip(0)))
+    """(4, H * W) int32: cross_scan.route_positions of the cross2d routes, which the kernels read rather than divide
+    by H at every step; kept per map size and device."""
+    return route_positions(height, width, "cross2d", device).to(torch.int32)
 
 
 def _launch_sizes(x, dt_weight, A_log, routes):
