@@ -41,8 +41,8 @@ ScanShape make_shape(const at::Tensor& u, const at::Tensor& delta, const at::Ten
   s.d_state = A.size(1);
   s.delta_rows = delta.size(1);
   s.groups = B.size(1);
-  TORCH_CHECK(s.d_state >= 1 && s.d_state <= kMaxDState, "selective_scan: `A` has N = ", s.d_state,
-              "; the CUDA kernel supports 1..", kMaxDState);
+  TORCH_CHECK(s.d_state >= 1 && s.d_state <= kMaxDState, "selective_scan: `A` has N = ", std::to_string(s.d_state),
+              "; the CUDA kernel supports 1..", std::to_string(kMaxDState));
   TORCH_CHECK(A.size(0) == s.channels, "selective_scan: `A` must have K*D rows");
   TORCH_CHECK(delta.size(0) == s.batch && delta.size(2) == s.length && s.delta_rows > 0 &&
                   s.channels % s.delta_rows == 0, "selective_scan: bad `delta` shape");

@@ -30,8 +30,8 @@ std::string shape_string(at::IntArrayRef sizes) {
   return out + ")";
 }
 
-// The expected sizes are a vector (owned here) and printed by hand: printing a braced-list IntArrayRef in the
-// error message crashed the process on the GPU machine's build.
+// Numbers reach the error messages as strings (shape_string, std::to_string): on the GPU machine's build, an error
+// message that streamed an integer or an IntArrayRef crashed the process instead of raising.
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype, const std::vector<int64_t>& sizes,
            const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "ss2d: `", name, "` is on ", t.device(), ", `x` on ", x.device());
@@ -55,7 +55,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   TORCH_CHECK(dt_weight.dim() == 3 && dt_weight.size(0) == kRoutes, "ss2d: `dt_weight` must be (4, D, R)");
   TORCH_CHECK(x_dbl.dim() == 4, "ss2d: `x_dbl` must be (B, H, W, 4 * (R + 2N))");
   TORCH_CHECK(A_log.dim() == 2 && A_log.size(0) == kRoutes * x.size(3), "ss2d: `A_log` must have shape (",
-              kRoutes * x.size(3), ", N), got ", shape_string(A_log.sizes()));
+              std::to_string(kRoutes * x.size(3)), ", N), got ", shape_string(A_log.sizes()));
   Problem pr{};
   pr.kind = scalar_kind(x, "ss2d", "x");
   Shape& s = pr.s;
@@ -66,11 +66,12 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   s.length = s.height * s.width;
   s.rank = static_cast<int>(dt_weight.size(2));
   s.d_state = static_cast<int>(A_log.size(1));
-  TORCH_CHECK(s.d_state >= 1 && s.d_state <= kMaxDState, "ss2d: d_state is ", s.d_state,
-              "; the fused CUDA kernels support 1 to ", kMaxDState);
+  TORCH_CHECK(s.d_state >= 1 && s.d_state <= kMaxDState, "ss2d: d_state is ", std::to_string(s.d_state),
+              "; the fused CUDA kernels support 1 to ", std::to_string(kMaxDState));
   // d_state 1 holds a route's row in kv floats (kv_for_rank); more states hold any rank up to the same limit
   pr.kv = kv_for_rank(s.rank);
-  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", s.rank, " is not supported (at most ", kWidestRow - 2, ")");
+  TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", std::to_string(s.rank), " is not supported (at most ",
+              std::to_string(kWidestRow - 2), ")");
   const int width = s.rank + 2 * s.d_state;
   check(x_dbl, "x_dbl", x.scalar_type(), {x.size(0), x.size(1), x.size(2), kRoutes * width}, x);
   check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
