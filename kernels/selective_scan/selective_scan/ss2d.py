@@ -21,9 +21,8 @@ Three implementations of the same function, side by side:
 Dispatch rule of `ss2d_core(backend=None)` (`select_core`): fused when the fused ops run a kernel for x's device
 (the CPU whenever the extension is built; CUDA when it is built with CUDA, else when triton is installed) and take
 the call (`fused_unsupported_reason` is None); unfused otherwise, and always under jit tracing (fvcore's FLOP count
-keys on the unfused ops). On CUDA the extension's kernels for d_state 2 to 16 run only when asked for
-(`backend="fused"`; AUTO_CUDA_MAX_D_STATE says why), so the v0 models default to the unfused core there. Nothing
-falls back silently at run time: a call that `backend="fused"` cannot take is rejected before it starts.
+keys on the unfused ops). Nothing falls back silently at run time: a call that `backend="fused"` cannot take is
+rejected before it starts.
 """
 
 from __future__ import annotations
@@ -46,11 +45,6 @@ MAX_RANK = 66  # at d_state 1 the CUDA kernels hold a route's x_dbl row (R + 2 v
 MAX_D_STATE = 16  # the CUDA kernels' kMaxDState
 BACKENDS = ("fused", "unfused", "reference")
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-# The automatic choice takes the extension's fused CUDA kernels up to this d_state. Those for d_state 2 to 16
-# (csrc/ss2d_states_*.cu) build and pass a float64 emulation of their loops but have not yet run on a GPU: until
-# their cuda tests pass there, they run only when asked for (backend="fused", a model's ss2d_core="fused").
-AUTO_CUDA_MAX_D_STATE = 1
 
 # The CPU kernel saves the state entering each chunk of this many steps of a route (kChunk in
 # csrc/cpu/ss2d_cpu.cpp).
@@ -358,8 +352,6 @@ def select_core(x: Tensor, rank: int, d_state: int, routes: str = "cross2d", bac
     module docstring for backend None; `backend` itself otherwise, if it can take the call)."""
     if backend is None:
         if torch.jit.is_tracing() or not kernel_runs_on(x.device):
-            return "unfused"
-        if x.is_cuda and d_state > AUTO_CUDA_MAX_D_STATE and not triton_is_cuda_kernel():
             return "unfused"
         return "unfused" if fused_unsupported_reason(rank, d_state, routes, x) else "fused"
     if backend == "fused":
