@@ -7,7 +7,8 @@
 #
 #   tests    every `cuda`-marked test (pytest -m cuda tests)
 #   kernels  benchmarks/bench_scan.py; benchmarks/bench_ss2d.py at the 224 px stage shapes (ssm_ratio 1, then
-#            stage 1 at ssm_ratio 2) and at the maps of a detection-size input (batch 2, 800x1333)
+#            stage 1 at ssm_ratio 2), at the maps of a detection-size input (batch 2, 800x1333) and at Vanilla
+#            VMamba-T's stage shapes (d_state 16)
 #   models   benchmarks/bench_model.py (224 px, batch 128), again for VMamba-T/S and Vanilla-T with
 #            SELECTIVE_SCAN_NO_EXTENSION=1 (the Triton kernels), then benchmarks/host_cost.py
 #   scaleup  analyze/tp.py: VMamba-T, Swin-T and ConvNeXt-T at batch 32, 224..1024 px (CSV and scaleup.png)
@@ -106,6 +107,8 @@ part_kernels() {
     --json "$dir/ss2d_ssm_ratio_2.json" || status=1
   step "$dir/ss2d_detection.log" "$PY" benchmarks/bench_ss2d.py --batch 2 --image 800 1333 --stages 1 2 3 4 \
     --json "$dir/ss2d_detection.json" || status=1
+  step "$dir/ss2d_d_state_16.log" "$PY" benchmarks/bench_ss2d.py --stages 1 2 3 4 --ssm-ratio 2 --d-state 16 \
+    --json "$dir/ss2d_d_state_16.json" || status=1
   return $status
 }
 
