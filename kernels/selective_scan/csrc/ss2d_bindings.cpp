@@ -30,8 +30,8 @@ std::string shape_string(at::IntArrayRef sizes) {
   return out + ")";
 }
 
-// Numbers reach the error messages as strings (shape_string, std::to_string): on the GPU machine's build, an error
-// message that streamed an integer or an IntArrayRef crashed the process instead of raising.
+// Numbers reach the error messages as strings (shape_string, std::to_string): with torch 2.11's CUDA 13.0 build, an
+// error message that streamed an integer or an IntArrayRef crashed the process instead of raising.
 void check(const at::Tensor& t, const char* name, at::ScalarType dtype, const std::vector<int64_t>& sizes,
            const at::Tensor& x) {
   TORCH_CHECK(t.device() == x.device(), "ss2d: `", name, "` is on ", t.device(), ", `x` on ", x.device());
@@ -72,7 +72,7 @@ Problem make_problem(const at::Tensor& x, const at::Tensor& x_dbl, const at::Ten
   pr.kv = kv_for_rank(s.rank);
   TORCH_CHECK(pr.kv != 0, "ss2d: dt rank ", std::to_string(s.rank), " is not supported (at most ",
               std::to_string(kWidestRow - 2), ")");
-  const int width = s.rank + 2 * s.d_state;
+  const int width = s.row_width();
   check(x_dbl, "x_dbl", x.scalar_type(), {x.size(0), x.size(1), x.size(2), kRoutes * width}, x);
   check(dt_weight, "dt_weight", at::kFloat, {kRoutes, x.size(3), s.rank}, x);
   check(dt_bias, "dt_bias", at::kFloat, {kRoutes, x.size(3)}, x);

@@ -88,6 +88,9 @@ struct Shape {
   int num_chunks;                         // ceil(L / chunk)
   int segment_chunks, num_segments;       // chunks per segment (the last may be shorter), ceil(chunks / that)
   int d_state;                            // N
+
+  // values in a route's x_dbl row: R dt-rank values, B (N), C (N)
+  constexpr int row_width() const { return rank + 2 * d_state; }
 };
 
 // Cuts each route into segments (sets segment_chunks, num_segments). A grid of one block per (batch, channel
@@ -203,11 +206,13 @@ struct Task {
   __device__ __forceinline__ long map_offset(const Shape& s) const {
     return static_cast<long>(b) * s.length * s.dim + d_ld;
   }
-  // (b, k) offset into the (B, L, K, R + 2) x_dbl rows (and their gradient)
-  __device__ __forceinline__ long rows_offset(const Shape& s) const {
-    const int width = s.rank + 2;
+  // (b, k) offset into the (B, L, K, width) x_dbl rows (and their gradient); width is s.row_width(), which the
+  // d_state-1 kernels pass as the constant-folded R + 2
+  __device__ __forceinline__ long rows_offset(const Shape& s, int width) const {
     return static_cast<long>(b) * s.length * kRoutes * width + k * width;
   }
+  // (k, d) index of the route's per-channel parameters (dt_bias, Ds; rows of dt_weight and A_log), d clamped
+  __device__ __forceinline__ long route_channel(const Shape& s) const { return static_cast<long>(k) * s.dim + d_ld; }
   // (b, k, index, d) offset into a (B, K, count, D) array
   __device__ __forceinline__ long bkd(const Shape& s, int index, int count) const {
     return ((static_cast<long>(b) * kRoutes + k) * count + index) * s.dim + d;
@@ -286,7 +291,7 @@ struct RouteParams {
   template <typename Params>
   __device__ __forceinline__ RouteParams(const Params& p, const Task& task) {
     const Shape& s = p.s;
-    const long kd = static_cast<long>(task.k) * s.dim + task.d_ld;
+    const long kd = task.route_channel(s);
 #pragma unroll
     for (int j = 0; j < kR; ++j) w[j] = task.active && j < s.rank ? p.dt_weight[kd * s.rank + j] : 0.f;
     bias = task.active ? p.dt_bias[kd] : 0.f;
@@ -310,7 +315,7 @@ struct RowStage {
   template <typename T>
   __device__ __forceinline__ void load(const Shape& s, const Task& task, const void* xdbl, int my_pos, int n) {
     const int width = s.rank + 2;
-    const T* rows = static_cast<const T*>(xdbl) + task.rows_offset(s);
+    const T* rows = static_cast<const T*>(xdbl) + task.rows_offset(s, width);
     __syncwarp();  // every lane is done with the previous chunk's rows
 #pragma unroll
     for (int q0 = 0; q0 < kChunk * kV; q0 += kLanes) {

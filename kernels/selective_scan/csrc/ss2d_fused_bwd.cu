@@ -198,7 +198,7 @@ __global__ void __launch_bounds__(RouteWarps::kThreads, kBwdBlocksPerSm) ss2d_bw
   const T* x = static_cast<const T*>(p.x) + base;
   const float* dy = p.dy + base;
   T* du = static_cast<T*>(p.du) + task.k * s.batch * static_cast<long>(s.length) * s.dim + base;
-  float* dxdbl = p.dxdbl + task.rows_offset(s);
+  float* dxdbl = p.dxdbl + task.rows_offset(s, s.rank + 2);
   float g = task.segment_start(s, p.start);  // gradient carry from the right
   // the chunks go from the segment's last
   ChunkInputs<T, kV> in;

@@ -24,12 +24,6 @@ namespace ss2d {
 
 #ifdef __CUDACC__
 
-// (b, k) offset into the (B, L, K, R + 2N) x_dbl rows (and their gradient)
-__device__ __forceinline__ long states_rows_offset(const Shape& s, const Task& task) {
-  const int width = s.rank + 2 * s.d_state;
-  return static_cast<long>(task.b) * s.length * kRoutes * width + task.k * width;
-}
-
 // Per-(route, channel) constants.
 template <int kStates>
 struct StatesRoute {
@@ -39,7 +33,7 @@ struct StatesRoute {
   template <typename Params>
   __device__ __forceinline__ StatesRoute(const Params& p, const Task& task) {
     const Shape& s = p.s;
-    const long kd = static_cast<long>(task.k) * s.dim + task.d_ld;
+    const long kd = task.route_channel(s);
 #pragma unroll
     for (int n = 0; n < kStates; ++n)
       A2[n] = task.active && n < s.d_state ? -expf(p.A_log[kd * s.d_state + n]) * kLog2e : 0.f;
@@ -73,7 +67,7 @@ struct StatesStage {
   template <typename Params>
   __device__ __forceinline__ void load_weights(const Params& p, const Task& task) {
     const Shape& s = p.s;
-    const long kd = static_cast<long>(task.k) * s.dim + task.d_ld;
+    const long kd = task.route_channel(s);
     for (int j = 0; j < rank_pad; ++j)
       w[j * kLanes + task.lane] = task.active && j < s.rank ? p.dt_weight[kd * s.rank + j] : 0.f;
     __syncwarp();
@@ -84,8 +78,8 @@ struct StatesStage {
   // loads are in flight together.
   template <typename T>
   __device__ __forceinline__ void load_rows(const Shape& s, const Task& task, const void* xdbl, int my_pos, int n) {
-    const int width = s.rank + 2 * s.d_state;
-    const T* src = static_cast<const T*>(xdbl) + states_rows_offset(s, task);
+    const int width = s.row_width();
+    const T* src = static_cast<const T*>(xdbl) + task.rows_offset(s, width);
     __syncwarp();  // every lane is done with the previous rows
     for (int q0 = 0; q0 < kStatesStep * stride; q0 += kLanes) {  // stride is a multiple of 8: whole passes
       const int q = q0 + task.lane, i = q / stride, slot = q - i * stride;

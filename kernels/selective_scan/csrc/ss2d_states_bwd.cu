@@ -32,7 +32,7 @@ __global__ void __launch_bounds__(kLanes, 1) ss2d_states_bwd_kernel(const BwdPar
   extern __shared__ float4 shared_words[];
   const Shape& s = p.s;
   const Task task(s, blockIdx.x % kRoutes, blockIdx.x / kRoutes);
-  const int lane = task.lane, width = s.rank + 2 * s.d_state;
+  const int lane = task.lane, width = s.row_width();
   float* const shared = reinterpret_cast<float*>(shared_words);
   StatesStage<kStates> stage(s, shared);
   float* const dw_sum = shared + StatesStage<kStates>::floats(s);
@@ -45,7 +45,7 @@ __global__ void __launch_bounds__(kLanes, 1) ss2d_states_bwd_kernel(const BwdPar
   const T* x = static_cast<const T*>(p.x) + base;
   const float* dy = p.dy + base;
   T* du = static_cast<T*>(p.du) + task.k * s.batch * static_cast<long>(s.length) * s.dim + base;
-  float* dxdbl = p.dxdbl + states_rows_offset(s, task);
+  float* dxdbl = p.dxdbl + task.rows_offset(s, width);
   float g[kStates], dA[kStates], dbias = 0.f, dD = 0.f;
 #pragma unroll
   for (int n = 0; n < kStates; ++n) g[n] = dA[n] = 0.f;
@@ -159,7 +159,7 @@ __global__ void __launch_bounds__(kLanes, 1) ss2d_states_bwd_kernel(const BwdPar
     }
   }
   if (!task.active) return;
-  const long kd = static_cast<long>(task.k) * s.dim + task.d;
+  const long kd = task.route_channel(s);
   for (int j = 0; j < s.rank; ++j)
     atomicAdd(p.ddt_weight + (static_cast<long>(task.k) * s.rank + j) * s.dim + task.d, dw_sum[j * kLanes + lane]);
   atomicAdd(p.ddt_bias + kd, dbias);
