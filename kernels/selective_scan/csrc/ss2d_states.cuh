@@ -111,25 +111,35 @@ struct StatesStage {
   }
 
   // Rows of the n steps whose positions the first n lanes hold in my_pos (chunk_position), from x_dbl
-  // (B, L, K, R + 2N) of type T, global order [rank values, B, C]. The lanes spread over the rows' values, so all
-  // loads are in flight together.
-  template <typename T>
+  // (B, L, K, R + 2N) of type T, global order [rank values, B, C]. The lanes spread over the rows' values, kBatch
+  // loads per lane in flight before their stores (the backward, with registers to spare there, waits for memory
+  // once per kBatch rather than once per value).
+  template <typename T, int kBatch = 1>
   __device__ __forceinline__ void load_rows(const Shape& s, const Task& task, const void* xdbl, int my_pos, int n) {
-    const int width = s.rank + 2 * s.d_state;
+    const int width = s.rank + 2 * s.d_state, total = kStatesStep * stride;
     const T* src = static_cast<const T*>(xdbl) + states_rows_offset(s, task);
     __syncwarp();  // every lane is done with the previous rows
-    for (int q0 = 0; q0 < kStatesStep * stride; q0 += kLanes) {  // stride is a multiple of 8: whole passes
-      const int q = q0 + task.lane, i = q / stride, slot = q - i * stride;
-      int j;  // the slot's index in the global row, -1 for padding
-      if (slot < kStates) {
-        j = slot < s.d_state ? s.rank + slot : -1;
-      } else if (slot < 2 * kStates) {
-        j = slot - kStates < s.d_state ? s.rank + s.d_state + slot - kStates : -1;
-      } else {
-        j = slot - 2 * kStates < s.rank ? slot - 2 * kStates : -1;
+    for (int q0 = 0; q0 < total; q0 += kBatch * kLanes) {
+      float values[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int q = q0 + u * kLanes + task.lane, i = q / stride, slot = q - i * stride;
+        int j;  // the slot's index in the global row, -1 for padding
+        if (slot < kStates) {
+          j = slot < s.d_state ? s.rank + slot : -1;
+        } else if (slot < 2 * kStates) {
+          j = slot - kStates < s.d_state ? s.rank + s.d_state + slot - kStates : -1;
+        } else {
+          j = slot - 2 * kStates < s.rank ? slot - 2 * kStates : -1;
+        }
+        const int pos = __shfl_sync(kFullMask, my_pos, i);  // past the rows (i >= kStatesStep) unused
+        values[u] = i < n && j >= 0 ? load_float(src + static_cast<long>(pos) * kRoutes * width + j) : 0.f;
       }
-      const int pos = __shfl_sync(kFullMask, my_pos, i);
-      if (i < n) rows[q] = j >= 0 ? load_float(src + static_cast<long>(pos) * kRoutes * width + j) : 0.f;
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        const int q = q0 + u * kLanes + task.lane;
+        if (q / stride < n) rows[q] = values[u];  // values past the rows (q >= total) have q / stride >= n
+      }
     }
     __syncwarp();
   }

@@ -8,10 +8,11 @@
 // Per step the pair adds its two halves of the per-channel sums (the dt pre-activation, dh . B and the decay term
 // of dt's gradient) with one shuffle each.
 //
-// Walk: chunks of kStatesChunk = two groups of kStatesStep steps, from the last. Per chunk the warp keeps the
-// checkpoint (the state entering group 0) in shared memory and walks group 0 forward to the state entering group 1;
-// then, group by group from the last, it recomputes the group's h_{t-1} into shared memory (dt in registers) and
-// walks the group in reverse. So group 0's forward runs twice, group 1's once.
+// Walk: chunks of kStatesChunk = two groups of kStatesStep steps, from the last. Per chunk the warp walks group 0
+// forward from the checkpoint to the state entering group 1; then, group by group from the last, it recomputes the
+// group's h_{t-1} into shared memory (group 0 from the checkpoint, read again) and walks the group in reverse. So
+// group 0's forward runs twice, group 1's once. A step's x, dy and dt sit in shared memory as well, so the step
+// loops run without unrolling and the kernel's code stays small enough for the instruction caches.
 //
 // Per step, the route's part of dx is stored into its own map du_k in x's dtype by the channel's first lane, as the
 // N = 1 backward does (the caller sums the four maps). The gradients of the route's x_dbl row ([d dt-rank values,
@@ -31,6 +32,8 @@ constexpr int kPairChannels = kLanes / kPairLanes;  // channels per warp
 // Resident warps per SM the kernel is compiled for (128 registers); its shared memory allows as many on sm_90 up
 // to dt rank 12 (states_bwd_floats).
 constexpr int kStatesBwdWarpsPerSm = 16;
+// x_dbl row values each lane loads before storing them (StatesStage::load_rows)
+constexpr int kRowLoadBatch = 8;
 
 // Floats of shared memory per warp: StatesStage (rows, the lanes' W_dt values), the lanes' W_dt gradient sums
 // [rank_pad / 2][32], h_{t-1} at each step of a group [kStatesStep][kStates / 2][32], and the group's x, dy and dt
@@ -81,7 +84,7 @@ __global__ void __launch_bounds__(kLanes, kStatesBwdWarpsPerSm) ss2d_states_bwd_
   int my_pos;
   const auto load_group = [&](int t0, int steps, bool with_dy) {
     my_pos = chunk_position(s, task, t0, steps);
-    stage.template load_rows<T>(s, task, p.xdbl, my_pos, steps);
+    stage.template load_rows<T, kRowLoadBatch>(s, task, p.xdbl, my_pos, steps);
 #pragma unroll
     for (int i0 = 0; i0 < kStatesStep; i0 += kPairLanes) {
       const int i = i0 + part, at = __shfl_sync(kFullMask, my_pos, i) * s.dim;
