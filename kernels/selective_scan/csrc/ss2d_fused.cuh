@@ -77,9 +77,9 @@ constexpr int kMinTiledChunks = 64;
 // Shortest segment, in chunks: the summary pass and the walk over summaries cost a few steps per segment.
 constexpr int kMinSegmentChunks = 4;
 // N > 1 (ss2d_states.cuh): steps per load batch and per group of states the backward keeps in shared memory, and
-// steps between saved states (two groups; ss2d.py STATES_CHUNK mirrors it).
+// steps between saved states (four groups; ss2d.py STATES_CHUNK mirrors it).
 constexpr int kStatesStep = 8;
-constexpr int kStatesChunk = 2 * kStatesStep;
+constexpr int kStatesChunk = 4 * kStatesStep;
 
 struct Shape {
   int batch, height, width, length, dim;  // length L = H * W, dim = D channels

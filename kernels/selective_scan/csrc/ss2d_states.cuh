@@ -12,7 +12,7 @@
 // beside the row's rank values.
 //
 // On chip a route's x_dbl row is [B (kStates), C (kStates), dt-rank values (R rounded up to 8)], zero-padded.
-// The forward saves the states entering every chunk of kStatesChunk steps (two step groups): checkpoints
+// The forward saves the states entering every chunk of kStatesChunk steps (four step groups): checkpoints
 // (B, 4, chunks, N, D) fp32. The backward walks each chunk from its checkpoint, recomputing a group's states into
 // shared memory (registers cannot hold them for many steps), and runs the adjoint through them.
 // Unsegmented: one warp per route for the whole batch (batch 128 gives 128 x D / 32 x 4 warps in the forward).

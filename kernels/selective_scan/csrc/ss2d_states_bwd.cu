@@ -3,16 +3,17 @@
 //
 // Lane pairs: a warp owns one (sample, route, 16 channels), lane = 2 channel + part, and part p of a channel holds
 // its states [p kStates / 2, (p + 1) kStates / 2): their carries, A gradients, decays and recomputed values. That
-// halves every per-state array a lane holds, so the kernel fits 128 registers and (dt ranks up to 12) 13 KB of
-// shared memory per warp: 16 warps per SM on sm_90, where lane = channel needed about 206 registers and 36 KB.
-// Per step the pair adds its two halves of the per-channel sums (the dt pre-activation, dh . B and the decay term
-// of dt's gradient) with one shuffle each.
+// halves every per-state array a lane holds, so the kernel fits 128 registers and 13.75 KB of shared memory per warp
+// at 16 states and dt rank 6 (states_bwd_floats): 15 warps per SM on sm_90, where lane = channel needed about 206
+// registers and 36 KB (6 warps). Per step the pair adds its two halves of the per-channel sums (the dt
+// pre-activation, dh . B and the decay term of dt's gradient) with one shuffle each.
 //
-// Walk: chunks of kStatesChunk = two groups of kStatesStep steps, from the last. Per chunk the warp walks group 0
-// forward from the checkpoint to the state entering group 1; then, group by group from the last, it recomputes the
-// group's h_{t-1} into shared memory (group 0 from the checkpoint, read again) and walks the group in reverse. So
-// group 0's forward runs twice, group 1's once. A step's x, dy and dt sit in shared memory as well, so the step
-// loops run without unrolling and the kernel's code stays small enough for the instruction caches.
+// Walk: chunks of kStatesChunk steps = kChunkGroups groups of kStatesStep, from the last. Per chunk the warp walks
+// groups 0 .. G - 2 forward from the checkpoint once, keeping the states entering groups 1 .. G - 1 in shared
+// memory; then, group by group from the last, it recomputes the group's h_{t-1} into shared memory from the states
+// entering it (group 0 from the checkpoint, read again) and walks the group in reverse. So each group's forward runs
+// twice, the last one's once. A step's x, dy and dt sit in shared memory as well, so the step loops run without
+// unrolling and the kernel's code stays small enough for the instruction caches.
 //
 // Per step, the route's part of dx is stored into its own map du_k in x's dtype by the channel's first lane, as the
 // N = 1 backward does (the caller sums the four maps). The gradients of the route's x_dbl row ([d dt-rank values,
@@ -29,19 +30,26 @@ namespace ss2d {
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kPairLanes = 2;  // lanes per channel
 constexpr int kPairChannels = kLanes / kPairLanes;  // channels per warp
-// Resident warps per SM the kernel is compiled for (128 registers); its shared memory allows as many on sm_90 up
-// to dt rank 12 (states_bwd_floats).
+// Resident warps per SM the kernel is compiled for (128 registers). Its shared memory (states_bwd_floats, plus the
+// 1 KB each block reserves) allows 15 on sm_90 at 16 states and dt ranks up to 8, 14 at 12, 13 at 24.
 constexpr int kStatesBwdWarpsPerSm = 16;
 // x_dbl row values each lane loads before storing them (StatesStage::load_rows)
 constexpr int kRowLoadBatch = 8;
+constexpr int kChunkGroups = kStatesChunk / kStatesStep;  // step groups per chunk
+static_assert(kStatesChunk % kStatesStep == 0 && kChunkGroups >= 2, "a chunk is two or more whole step groups");
+// Slots of a lane's states in shared memory (kStates / 2 floats per lane each). Slot r - 1 holds the states entering
+// group r (0 < r < kChunkGroups); group q's h_{t-1} at step i goes to slot max(q - 1, 0) + i: the first of them is
+// its entry's slot, the others overwrite the entries of later groups, spent by then, and never an earlier group's.
+constexpr int kStateSlots = kChunkGroups - 2 + kStatesStep;
 
 // Floats of shared memory per warp: StatesStage (rows, the lanes' W_dt values), the lanes' W_dt gradient sums
-// [rank_pad / 2][32], h_{t-1} at each step of a group [kStatesStep][kStates / 2][32], and the group's x, dy and dt
-// per channel [3][kStatesStep][16]: 11.75 KB at 16 states and dt rank 6, 13 KB at rank 12, 21.75 KB at rank 66.
+// [rank_pad / 2][32], the state slots [kStateSlots][kStates / 2][32], and the group's x, dy and dt per channel
+// [3][kStatesStep][16]. At 16 states: 13.75 KB at dt rank 6, 15 KB at 12, 16.25 KB at 24, 20 KB at 48, 23.75 KB
+// at 66.
 template <int kStates>
 __host__ __device__ int states_bwd_floats(const Shape& s) {
   return StatesStage<kStates, kPairLanes>::floats(s) +
-         (states_rank_pad(s.rank) + kStatesStep * kStates) / kPairLanes * kLanes + 3 * kStatesStep * kPairChannels;
+         (states_rank_pad(s.rank) + kStateSlots * kStates) / kPairLanes * kLanes + 3 * kStatesStep * kPairChannels;
 }
 
 template <typename T, int kStates>
@@ -55,9 +63,9 @@ __global__ void __launch_bounds__(kLanes, kStatesBwdWarpsPerSm) ss2d_states_bwd_
   float* const shared = reinterpret_cast<float*>(shared_words);
   StatesStage<kStates, kPairLanes> stage(s, shared);
   float* const dw_sum = shared + StatesStage<kStates, kPairLanes>::floats(s);
-  float* const before = dw_sum + stage.share * kLanes;
+  float* const slots = dw_sum + stage.share * kLanes;  // state m of slot r at [(r * kLaneStates + m) * kLanes + lane]
   // step i's x, dy and dt of the lane's channel at [i * kPairChannels + channel]
-  float* const xs = before + kStatesStep * kLaneStates * kLanes;
+  float* const xs = slots + kStateSlots * kLaneStates * kLanes;
   float* const dys = xs + kStatesStep * kPairChannels;
   float* const dts = dys + kStatesStep * kPairChannels;
   stage.load_weights(p, task);
@@ -79,6 +87,8 @@ __global__ void __launch_bounds__(kLanes, kStatesBwdWarpsPerSm) ss2d_states_bwd_
     for (int m = 0; m < kLaneStates; ++m)
       h[m] = task.active && first_state + m < s.d_state ? p.ckpt[at + static_cast<long>(m) * s.dim] : 0.f;
   };
+  // the lane's states in slot r (each lane reads back only what it stored: no warp synchronisation)
+  const auto slot_states = [&](int r, int m) -> float& { return slots[(r * kLaneStates + m) * kLanes + lane]; };
   // the group's rows, x and (with_dy) dy into shared memory; x and dy zero for inactive channels. The channel's
   // lanes load alternate steps.
   int my_pos;
@@ -108,23 +118,38 @@ __global__ void __launch_bounds__(kLanes, kStatesBwdWarpsPerSm) ss2d_states_bwd_
   // unrolled over a group it took over 100 KB, beyond the instruction caches).
   for (int c = s.num_chunks - 1; c >= 0; --c) {
     const int c0 = c * kStatesChunk;
-    const int last_group = s.length - c0 > kStatesStep;  // 1 for a chunk of two groups (group 0 is then full)
+    const int groups = min(kChunkGroups, (s.length - c0 + kStatesStep - 1) / kStatesStep);  // whole but the last
+    // walk groups 0 .. groups - 2, saving the states entering groups 1 .. groups - 2; h ends entering the last
     float h[kLaneStates];
-    if (last_group == 1) {
-      load_checkpoint(c, h);
-      load_group(c0, kStatesStep, false);
+    load_checkpoint(c, h);
+#pragma unroll 1
+    for (int r = 0; r < groups - 1; ++r) {
+      if (r > 0) {
+#pragma unroll
+        for (int m = 0; m < kLaneStates; ++m) slot_states(r - 1, m) = h[m];
+      }
+      load_group(c0 + r * kStatesStep, kStatesStep, false);
 #pragma unroll 1
       for (int i = 0; i < kStatesStep; ++i) step_forward(i, h);
     }
-    for (int q = last_group; q >= 0; --q) {
+#pragma unroll 1
+    for (int q = groups - 1; q >= 0; --q) {
       const int t0 = c0 + q * kStatesStep, steps = min(kStatesStep, s.length - t0);
-      if (q == 0) load_checkpoint(c, h);
+      if (q < groups - 1) {  // the states entering group q (h holds those entering the last)
+        if (q == 0) {
+          load_checkpoint(c, h);
+        } else {
+#pragma unroll
+          for (int m = 0; m < kLaneStates; ++m) h[m] = slot_states(q - 1, m);
+        }
+      }
       load_group(t0, steps, true);
-      // recompute: h_{t-1} of each step into `before`, dt into dts
+      // recompute: h_{t-1} of each step into the slots from max(q - 1, 0), dt into dts
+      const int first_slot = max(q - 1, 0);
 #pragma unroll 1
       for (int i = 0; i < steps; ++i) {
 #pragma unroll
-        for (int m = 0; m < kLaneStates; ++m) before[(i * kLaneStates + m) * kLanes + lane] = h[m];
+        for (int m = 0; m < kLaneStates; ++m) slot_states(first_slot + i, m) = h[m];
         const float dt = step_forward(i, h);
         if (part == 0) dts[i * kPairChannels + channel] = dt;
       }
@@ -140,7 +165,7 @@ __global__ void __launch_bounds__(kLanes, kStatesBwdWarpsPerSm) ss2d_states_bwd_
         float dh_B = 0.f, dh_h_decay_A2 = 0.f;
 #pragma unroll
         for (int m = 0; m < kLaneStates; ++m) {
-          const float h_prev = before[(i * kLaneStates + m) * kLanes + lane];
+          const float h_prev = slot_states(first_slot + i, m);
           const float a = fast_exp2(dt * route.A2[m]);
           const float h_t = fmaf(a, h_prev, dtx * B[m]);
           const float dh = fmaf(C[m], dyt, g[m]);  // y_t = C . h_t + D x_t
@@ -209,7 +234,7 @@ cudaError_t launch_ss2d_states_bwd(const BwdParams& params, ScalarKind dtype, cu
   p.s.groups = (p.s.dim + kPairChannels - 1) / kPairChannels;
   return dispatch_dtype_states(dtype, p.s.d_state, [&](auto tag, auto states) {
     constexpr int kStates = decltype(states)::value;
-    // at most 21.75 KB (16 states, dt rank 66): under the 48 KB a launch may ask for without opting in
+    // at most 23.75 KB (16 states, dt rank 66): under the 48 KB a launch may ask for without opting in
     const size_t bytes = states_bwd_floats<kStates>(p.s) * sizeof(float);
     ss2d_states_bwd_kernel<decltype(tag), kStates><<<num_route_sets(p.s) * kRoutes, kLanes, bytes, stream>>>(p);
     return cudaGetLastError();
