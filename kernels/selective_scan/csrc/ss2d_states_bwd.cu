@@ -18,10 +18,10 @@
 // Per step, the route's part of dx is stored into its own map du_k in x's dtype by the channel's first lane, as the
 // N = 1 backward does (the caller sums the four maps). The gradients of the route's x_dbl row ([d dt-rank values,
 // dB, dC], each a sum over the warp's 16 channels) are summed over the 16 lanes of each part with
-// warp_sum_scatter at lane stride 2: dB and dC of the part's states, and the part's half of the rank values (each
-// part owns half of them, their W_dt values and W_dt gradient sums). Every lane ends with a sum to add into
-// x_dbl's gradient. Parameter gradients are summed per lane (W_dt's in shared memory: any dt rank) and added once
-// at the end.
+// warp_sum_scatter at lane stride 2: dB and dC of the part's states per step, and the part's half of the rank
+// values (each part owns half of them, their W_dt values and W_dt gradient sums) once per group, from the steps'
+// dt gradients dz kept in shared memory: per rank value, one sum over the 16 channels for all 8 steps. Parameter
+// gradients are summed per lane (W_dt's in shared memory: any dt rank) and added once at the end.
 #include "ss2d_states.cuh"
 
 namespace selective_scan {
@@ -186,29 +186,37 @@ __global__ void __launch_bounds__(kLanes, kStatesBwdWarpsPerSm) ss2d_states_bwd_
         dD = fmaf(dyt, xt, dD);
         const int pos = __shfl_sync(kFullMask, my_pos, i);
         if (task.active && part == 0) du[pos * s.dim] = from_float<T>(fmaf(route.Dk, dyt, dt * dh_B));
-        float* const row = dxdbl + static_cast<long>(pos) * kRoutes * width;
         {  // dB, dC: lane 2 v + p (v < 2 kLaneStates) adds value v of part p's
+          float* const row = dxdbl + static_cast<long>(pos) * kRoutes * width;
           const float sum = warp_sum_scatter<kPairLanes>(row_grads, lane);
           const int v = channel, n = first_state + v % kLaneStates;
           if (v < 2 * kLaneStates && n < s.d_state)
             atomicAdd(row + s.rank + (v < kLaneStates ? 0 : s.d_state) + n, sum);
         }
-        // d rank value j = sum over channels of W_dt[k, d, j] dz, over the part's share 4 at a time; lane 2 v + p
-        // (v < 4) adds value v of part p's four
-        const float* r = stage.rank_values(i, lane);
-        for (int j0 = 0; j0 < stage.share; j0 += 4) {
-          float values[4], terms[4];
-          load_words<4>(r + j0, values);
+        __syncwarp();  // both lanes of the pair have read dt: dz takes its place
+        if (part == 0) dts[at] = dz;
+      }
+      __syncwarp();
+      // The rank values' gradients, once per group: d r_i[j] = sum over channels of W_dt[k, d, j] dz_i and W_dt's
+      // gradient sums dz_i r_i[j], for the part's share of j, all of the group's steps at once. Lane 2 v + p (v < 8)
+      // adds step v's value j of part p's.
+      float dzs[kStatesStep];
 #pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            float& sum = dw_sum[(j0 + e) * kLanes + lane];
-            sum = fmaf(dz, values[e], sum);
-            terms[e] = dz * stage.w[(j0 + e) * kLanes + lane];
-          }
-          const float sum = warp_sum_scatter<kPairLanes>(terms, lane);
-          const int j = part * stage.share + j0 + channel;
-          if (channel < 4 && j < s.rank) atomicAdd(row + j, sum);
+      for (int i = 0; i < kStatesStep; ++i) dzs[i] = i < steps ? dts[i * kPairChannels + channel] : 0.f;
+      const int my_step = channel % kStatesStep;
+      float* const my_row = dxdbl + static_cast<long>(__shfl_sync(kFullMask, my_pos, my_step)) * kRoutes * width;
+      for (int jj = 0; jj < stage.share; ++jj) {
+        const float w = stage.w[jj * kLanes + lane];
+        float terms[kStatesStep], dw = 0.f;
+#pragma unroll
+        for (int i = 0; i < kStatesStep; ++i) {
+          terms[i] = dzs[i] * w;
+          if (i < steps) dw = fmaf(dzs[i], stage.rank_values(i, lane)[jj], dw);  // rows past the group: stale
         }
+        dw_sum[jj * kLanes + lane] += dw;
+        const float sum = warp_sum_scatter<kPairLanes>(terms, lane);
+        const int j = part * stage.share + jj;
+        if (channel < kStatesStep && my_step < steps && j < s.rank) atomicAdd(my_row + j, sum);
       }
     }
   }
