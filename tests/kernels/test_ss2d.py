@@ -186,13 +186,13 @@ def test_module_core_is_a_constructor_argument(monkeypatch):
 
 def test_checkpoint_shapes():
     """The checkpoints the compiled forwards save (what the fake kernel tells torch.compile): every 64 steps with N
-    states on the CPU and on CUDA above d_state 1; every 16, 8 or 4 steps by row width on CUDA at d_state 1."""
+    states on the CPU, every 32 on CUDA above d_state 1; every 16, 8 or 4 steps by row width on CUDA at d_state 1."""
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert ss2d.checkpoint_shape((2, 5, 13, 24), 6, 16, cpu) == (2, 4, 2, 16, 24)
     assert ss2d.checkpoint_shape((2, 5, 13, 24), 6, 1, cpu) == (2, 4, 2, 1, 24)
-    assert ss2d.checkpoint_shape((2, 5, 13, 24), 6, 16, cuda) == (2, 4, 2, 16, 24)
-    assert ss2d.checkpoint_shape((2, 8, 8, 24), 48, 4, cuda) == (2, 4, 1, 4, 24)
-    assert ss2d.checkpoint_shape((128, 56, 56, 192), 6, 16, cuda) == (128, 4, 49, 16, 192)  # Vanilla-T stage 1
+    assert ss2d.checkpoint_shape((2, 5, 13, 24), 6, 16, cuda) == (2, 4, 3, 16, 24)
+    assert ss2d.checkpoint_shape((2, 8, 8, 24), 48, 4, cuda) == (2, 4, 2, 4, 24)
+    assert ss2d.checkpoint_shape((128, 56, 56, 192), 6, 16, cuda) == (128, 4, 98, 16, 192)  # Vanilla-T stage 1
     assert ss2d.checkpoint_shape((2, 5, 13, 24), 6, 1, cuda) == (2, 4, 5, 24)
     assert ss2d.checkpoint_shape((2, 5, 13, 24), 12, 1, cuda) == (2, 4, 9, 24)
     assert ss2d.checkpoint_shape((2, 5, 13, 24), 48, 1, cuda) == (2, 4, 17, 24)
@@ -329,14 +329,17 @@ def s4d_params(dim, rank, d_state, seed, device="cuda"):
     return params
 
 
-# d_state above 1 (csrc/ss2d_states_*.cu): (batch, D, H, W, dt rank, N). Odd channel counts (partial warps), odd
-# and unequal sides, maps shorter than one 8-step group (1 x 1, 1 x 5) and than one 64-step chunk, exactly one and
-# two chunks (8 x 8, 8 x 16), partial last chunks and groups (13 x 11: 143 steps), ranks 1 to 66, and every state
-# count padding (2, 3 -> 4; 5 -> 8; 9, 16 -> 16).
+# d_state above 1 (csrc/ss2d_states_*.cu): (batch, D, H, W, dt rank, N). Channel counts that are not a multiple
+# of 16 (partial warps of the backward's lane pairs), odd and unequal sides, maps shorter than one 8-step group
+# (1 x 1, 1 x 5), exactly one group (2 x 4) and one 32-step chunk (4 x 8), several whole chunks (8 x 8, 8 x 16,
+# 24 x 40), last chunks of 1 to 4 groups, whole (5 x 8: 40 steps; 7 x 8: 56) or with a partial last group (5 x 7:
+# 35 steps; 13 x 11: 143; 17 x 1: 17; 31 x 3: 93), ranks 1 to 66, and every state count padding (2, 3 -> 4;
+# 5 -> 8; 9, 13, 16 -> 16).
 STATE_SHAPES = [(2, 37, 5, 7, 6, 4), (2, 37, 5, 7, 6, 16), (1, 64, 13, 11, 12, 16), (3, 100, 1, 33, 24, 4),
                 (2, 32, 17, 1, 2, 16), (1, 33, 1, 1, 6, 16), (2, 40, 1, 5, 3, 2), (2, 48, 8, 8, 8, 3),
                 (2, 40, 8, 16, 16, 5), (1, 70, 9, 23, 32, 9), (2, 36, 7, 6, 48, 16), (1, 40, 5, 9, 64, 16),
-                (1, 33, 6, 7, 66, 16), (1, 33, 6, 7, 1, 16), (4, 96, 24, 40, 6, 16), (3, 64, 31, 3, 12, 8)]
+                (1, 33, 6, 7, 66, 16), (1, 33, 6, 7, 1, 16), (4, 96, 24, 40, 6, 16), (3, 64, 31, 3, 12, 8),
+                (2, 24, 2, 4, 6, 13), (1, 20, 4, 8, 5, 16), (2, 37, 5, 8, 6, 16), (1, 40, 7, 8, 12, 16)]
 
 
 @pytest.mark.cuda
@@ -366,7 +369,7 @@ def test_fused_state_kernels_vanilla_tiny_stages(dtype, shape):
 @pytest.mark.cuda
 def test_fused_state_kernels_detection_size_map():
     """A detection-size stage-1 map of a v0 backbone (batch 2, 100 x 167, D 192, 16 states): one warp per route walks
-    16700 steps (261 chunks, the last partial)."""
+    16700 steps (1044 chunks, the last partial)."""
     dim, rank = 192, 6
     params = s4d_params(dim, rank, 16, seed=11)
     x = torch.randn(2, 100, 167, dim, device="cuda", generator=torch.Generator("cuda").manual_seed(8)).half()

@@ -76,10 +76,10 @@ constexpr int kTileWarps = 8;
 constexpr int kMinTiledChunks = 64;
 // Shortest segment, in chunks: the summary pass and the walk over summaries cost a few steps per segment.
 constexpr int kMinSegmentChunks = 4;
-// N > 1 (ss2d_states.cuh): steps between saved states (ss2d.py checkpoint_chunk mirrors it), and steps per load
-// batch and per group of states the backward keeps in shared memory.
-constexpr int kStatesChunk = 64;
+// N > 1 (ss2d_states.cuh): steps per load batch and per group of states the backward keeps in shared memory, and
+// steps between saved states (four groups; ss2d.py STATES_CHUNK mirrors it).
 constexpr int kStatesStep = 8;
+constexpr int kStatesChunk = 4 * kStatesStep;
 
 struct Shape {
   int batch, height, width, length, dim;  // length L = H * W, dim = D channels
@@ -189,15 +189,17 @@ struct Task {
   int d_ld;       // d, clamped into range: inactive lanes load (and add zeros) there
   float on;       // 1 for active lanes, 0 for inactive ones (multiplies what they add)
 
-  // Route k of the sequence segment (batch, segment, channel group) numbered `sequence`.
-  __device__ __forceinline__ Task(const Shape& s, int route, int sequence) {
+  // Route k of the sequence segment (batch, segment, channel group) numbered `sequence`. Each channel takes
+  // channel_lanes consecutive lanes (the N > 1 backward splits a channel's states over a lane pair), so a group is
+  // kLanes / channel_lanes channels and s.groups counts such groups.
+  __device__ __forceinline__ Task(const Shape& s, int route, int sequence, int channel_lanes = 1) {
     lane = threadIdx.x % kLanes;
     k = route;
     group = sequence % s.groups;
     const int sample_block = sequence / s.groups;
     segment = sample_block % s.num_segments;
     b = sample_block / s.num_segments;
-    d = group * kLanes + lane;
+    d = (group * kLanes + lane) / channel_lanes;
     active = d < s.dim;
     d_ld = active ? d : s.dim - 1;
     on = active ? 1.f : 0.f;

@@ -47,7 +47,7 @@ __global__ void __launch_bounds__(kLanes, kStatesFwdWarpsPerSm) ss2d_states_fwd_
         float e, B[kStates], C[kStates];
         const float dt = softplus(stage.dt_preact(route.bias, i, task.lane), e);
         const float dtx = dt * xv[i];
-        stage.state_inputs(i, B, C);
+        stage.state_inputs(i, task.lane, B, C);
         float out = route.Dk * xv[i];
 #pragma unroll
         for (int n = 0; n < kStates; ++n) {

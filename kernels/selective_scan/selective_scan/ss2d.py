@@ -50,7 +50,7 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # csrc/cpu/ss2d_cpu.cpp).
 CPU_CHUNK = 64
 # The CUDA kernels for d_state above 1 do the same every STATES_CHUNK steps (kStatesChunk in csrc/ss2d_fused.cuh).
-STATES_CHUNK = 64
+STATES_CHUNK = 32
 
 ops.define_ops("selective_scan_ss2d", [
     "fwd(Tensor x, Tensor x_dbl, Tensor dt_weight, Tensor dt_bias, Tensor A_log, Tensor Ds) -> (Tensor, Tensor)",
