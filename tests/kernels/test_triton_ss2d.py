@@ -178,8 +178,8 @@ def compiled_for_sm90(kernel, pointers, constants, num_warps):
 def test_kernels_compile_for_sm90(d_state, routes):
     """The interpreter does not lower the kernels (nor refuse what the compiler refuses): compile them for an H100
     (Triton's own ptxas, no GPU needed) with fp16 x and the channel block of a wide map, and check that neither
-    spills registers to local memory (docs/kernels.md: the rank slices, the chunk length and the channel block are
-    chosen for that)."""
+    spills more than a word to local memory (docs/kernels.md: the rank slices, the chunk length, the channel block
+    and the warps are chosen for that)."""
     pytest.importorskip("triton")
     constants = dict(BLOCK=triton_ss2d.channel_block(768, d_state), N_PAD=d_state,
                      CHUNK_STEPS=triton_ss2d.chunk_steps(d_state),
@@ -191,12 +191,14 @@ def test_kernels_compile_for_sm90(d_state, routes):
                     dx_ptr="*fp16" if routes == 4 else "*fp32",
                     **{name: "*fp32" for name in fp32 + ("checkpoint_ptr", "dx_sum_ptr", "d_rows_ptr", "dw_ptr",
                                                          "dbias_ptr", "dA_log_ptr", "dDs_ptr")})
-    for kernel, pointers, warps in ((triton_ss2d._ss2d_fwd_kernel, forward, triton_ss2d.FORWARD_WARPS),
-                                    (triton_ss2d._ss2d_bwd_kernel, backward, triton_ss2d.BACKWARD_WARPS)):
+    for kernel, pointers, warps in zip((triton_ss2d._ss2d_fwd_kernel, triton_ss2d._ss2d_bwd_kernel),
+                                       (forward, backward), triton_ss2d.launch_warps(d_state)):
         usage = compiled_for_sm90(kernel, {name: pointers[name] for name in kernel.arg_names if name in pointers},
                                   constants, warps)
         assert usage is not None, kernel.fn.__name__
-        assert usage.group(1) == "0", (kernel.fn.__name__, usage.group(0))
+        # at most one 8-byte value: Triton 3.8 puts one on the stack in the d_state-1 backward at 4 warps (the
+        # faster setting on an H100); the spills this guards against are hundreds of bytes
+        assert int(usage.group(1)) <= 8, (kernel.fn.__name__, usage.group(0))
 
 
 def test_the_extensions_cuda_kernels_stay_the_fused_ops_kernels():
