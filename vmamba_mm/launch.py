@@ -107,11 +107,11 @@ def _build_runner(cfg):
     return Runner.from_cfg(cfg)
 
 
-def _run(runner, method):
-    """runner.train() / runner.test(), then leave the process group a distributed run joined: a process that exits
-    with gloo's worker threads still running can abort ("terminate called without an active exception")."""
+def _run(run):
+    """run() (a runner's train or test), then leave the process group a distributed run joined: a process that
+    exits with gloo's worker threads still running can abort ("terminate called without an active exception")."""
     try:
-        return getattr(runner, method)()
+        return run()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -146,7 +146,7 @@ def train(argv=None):
         cfg.load_from = args.resume
 
     runner = _build_runner(cfg)
-    _run(runner, 'train')
+    _run(runner.train)
     return runner
 
 
@@ -177,4 +177,4 @@ def test(argv=None):
             raise ValueError('--out must be a .pkl or .pickle file')
         from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    return _run(runner, 'test')
+    return _run(runner.test)

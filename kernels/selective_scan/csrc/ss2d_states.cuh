@@ -83,12 +83,11 @@ struct StatesStage {
   static constexpr int kLaneStates = kStates / kChannelLanes;
   float* rows;  // [kStatesStep][stride]: B, C, rank values
   float* w;     // [share][kLanes]: W_dt[k, d, p share + j] at w[j * 32 + lane], zero past R and for inactive lanes
-  int stride, rank_pad, share;
+  int stride, share;
 
   __device__ __forceinline__ StatesStage(const Shape& s, float* base)
       : rows(base), w(base + kStatesStep * states_row_stride(kStates, s.rank)),
-        stride(states_row_stride(kStates, s.rank)), rank_pad(states_rank_pad(s.rank)),
-        share(states_rank_pad(s.rank) / kChannelLanes) {}
+        stride(states_row_stride(kStates, s.rank)), share(states_rank_pad(s.rank) / kChannelLanes) {}
   // floats per warp
   static __host__ __device__ int floats(const Shape& s) {
     return kStatesStep * states_row_stride(kStates, s.rank) + states_rank_pad(s.rank) / kChannelLanes * kLanes;
